@@ -10,8 +10,12 @@ and a 4x4 affine from that index to scanner RAS mm. The world frame of
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import math
 import os
+import struct
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +169,49 @@ def _read_dicom_series(folder: Path):
         raise PelmarkError(f"unreadable DICOM series ({_sitk_reason(exc)})", folder) from None
 
 
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32, float64
+
+
+def _nifti_nonfinite_counts(path: Path) -> tuple[int, int]:
+    """NaN and infinite voxel counts of a float NIfTI file, read from the file itself.
+
+    ITK's NIfTI reader (nifti1_io) silently replaces non-finite floats with 0,
+    so the array SimpleITK returns cannot show them. Integer files hold none.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as file:
+        header = file.read(540)
+        if len(header) < 348:
+            return 0, 0
+        # sizeof_hdr (348 for NIfTI-1, 540 for NIfTI-2) also tells the byte order.
+        sizes = {e: struct.unpack(e + "i", header[:4])[0] for e in "<>"}
+        endian = next((e for e, size in sizes.items() if size in (348, 540)), None)
+        if endian is None:
+            return 0, 0
+        if sizes[endian] == 348:  # NIfTI-1
+            dims = struct.unpack(endian + "8h", header[40:56])
+            datatype = struct.unpack(endian + "h", header[70:72])[0]
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        else:  # NIfTI-2
+            datatype = struct.unpack(endian + "h", header[12:14])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+        if datatype not in _NIFTI_FLOAT_TYPES:
+            return 0, 0
+        dtype = np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype])
+        remaining = math.prod(max(int(d), 1) for d in dims[1 : 1 + dims[0]])
+        file.seek(vox_offset)
+        n_nan = n_inf = 0
+        while remaining > 0:
+            chunk = np.frombuffer(file.read(min(remaining, 1 << 24) * dtype.itemsize), dtype=dtype)
+            if chunk.size == 0:
+                break
+            n_nan += int(np.isnan(chunk).sum())
+            n_inf += int(np.isinf(chunk).sum())
+            remaining -= chunk.size
+    return n_nan, n_inf
+
+
 def load_ct(path: str | Path) -> CTVolume:
     """Read a CT (NIfTI, NRRD, MetaImage, or a DICOM series folder) with its RAS affine.
 
@@ -189,10 +236,15 @@ def load_ct(path: str | Path) -> CTVolume:
         except RuntimeError as exc:
             raise PelmarkError(f"unreadable or corrupt image file ({_sitk_reason(exc)})", path) from None
     ct = ct_from_sitk(image, source=path)
-    n_nan = int(np.isnan(ct.hu).sum())
+    if _ct_suffix(path) in (".nii", ".nii.gz"):
+        try:
+            n_nan, n_inf = _nifti_nonfinite_counts(path)
+        except (OSError, EOFError) as exc:
+            raise PelmarkError(f"unreadable or corrupt image file ({exc})", path) from None
+    else:
+        n_nan, n_inf = int(np.isnan(ct.hu).sum()), int(np.isinf(ct.hu).sum())
     if n_nan:
         raise PelmarkError(f"contains {n_nan} NaN voxels", path)
-    n_inf = int(np.isinf(ct.hu).sum())
     if n_inf:
         raise PelmarkError(f"contains {n_inf} infinite voxels", path)
     return ct
@@ -210,10 +262,11 @@ def save_ct(ct: CTVolume, path: str | Path) -> None:
     path = Path(path)
     suffix = _ct_suffix(path)
     if suffix is None:
-        raise PelmarkError(f"unsupported CT file type for writing (expected one of {', '.join(CT_SUFFIXES)})", path)
+        expected = ", ".join(CT_SUFFIXES)
+        raise PelmarkError(f"unsupported CT file type for writing (expected one of {expected})", path)
     image = ct_to_sitk(CTVolume(hu=np.asarray(ct.hu, dtype=np.float32), affine_ras=ct.affine_ras))
     detached = suffix in (".mhd", ".nhdr")
-    target = path if detached else path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    target = path if detached else path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
         sitk.WriteImage(image, str(target), useCompression=suffix != ".nii")
     except RuntimeError as exc:
