@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from pelmark.errors import PelmarkError
 
@@ -76,11 +77,78 @@ def phantom(
     typer.echo(f"wrote {manifest}")
 
 
-@app.command()
+class _DefaultCommandGroup(TyperGroup):
+    """A group whose first argument may be a subcommand or, failing that, the default command's argument."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+synth_app = typer.Typer(
+    cls=_DefaultCommandGroup,
+    no_args_is_help=True,
+    help="Render the DRR dataset of a manifest into a Zarr store (`pelmark synth MANIFEST --out STORE`), "
+    "or preview a store (`pelmark synth preview STORE --out DIR`).",
+)
+app.add_typer(synth_app, name="synth")
+
+
+@synth_app.command("run")
 @reports_errors
-def synth() -> None:
-    """Render the DRR dataset of a manifest into a Zarr store."""
-    _not_yet("synth")
+def synth_run(
+    manifest: Path = typer.Argument(..., help="The cohort's TOML manifest."),
+    out: Path = typer.Option(..., "--out", help="The Zarr store to write (resumed if it exists)."),
+    views: Optional[int] = typer.Option(None, help="Views per CT [100]."),
+    height: Optional[int] = typer.Option(None, help="Detector rows [768]."),
+    width: Optional[int] = typer.Option(None, help="Detector columns [= height]."),
+    pixel_spacing: Optional[float] = typer.Option(None, help="Detector pixel size in mm [0.388]."),
+    sdd: Optional[float] = typer.Option(None, help="Source-to-detector distance in mm [1020]."),
+    sid: Optional[float] = typer.Option(None, help="Source-to-isocentre distance in mm [850]."),
+    rotation_range: Optional[float] = typer.Option(None, help="Rotation about each axis, uniform in ±deg [45]."),
+    translation_range: Optional[float] = typer.Option(None, help="Translation along each axis, uniform in ±mm [50]."),
+    novel_views: Optional[int] = typer.Option(None, help="Views of each train CT held out as novel_view [20]."),
+    seed: Optional[int] = typer.Option(None, help="Root seed of the poses and splits [0]."),
+    renderer: Optional[str] = typer.Option(None, help="trilinear (fast) or siddon (exact reference)."),
+    n_points: Optional[int] = typer.Option(None, help="Samples per ray for the trilinear renderer."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [auto]."),
+    scheduler: Optional[str] = typer.Option(None, help="local (a LocalCluster when --workers > 1), sync, or tcp://HOST:PORT."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes of the local cluster [1]."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per worker."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made from other inputs or settings."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Render the manifest's DRRs into a chunked Zarr store; a rerun finishes only what is missing."""
+    from pelmark.synth.pipeline import run_synth
+
+    overrides = dict(
+        views=views, height=height, width=width, pixel_spacing=pixel_spacing, sdd=sdd, sid=sid,
+        rotation_range=rotation_range, translation_range=translation_range, novel_views=novel_views,
+        seed=seed, renderer=renderer, n_points=n_points, device=device, scheduler=scheduler,
+        workers=workers, threads=threads,
+    )
+    report = run_synth(manifest, out, overrides, overwrite=overwrite, progress=progress)
+    typer.echo(
+        f"{report.store}: {report.n_images} images; rendered {len(report.rendered_subjects)} subjects, "
+        f"{len(report.skipped_subjects)} already done"
+    )
+
+
+@synth_app.command("preview")
+@reports_errors
+def synth_preview(
+    store: Path = typer.Argument(..., help="A store written by pelmark synth."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNG montages."),
+    per_split: int = typer.Option(12, help="Images per split."),
+) -> None:
+    """PNG montages of DRRs with their landmarks, one per split."""
+    from pelmark.synth.preview import write_previews
+
+    for path in write_previews(store, out, per_split=per_split):
+        typer.echo(f"wrote {path}")
 
 
 @app.command()

@@ -28,3 +28,8 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present (it ships beside the repo only for developers)")
     return SHARED
+
+# Shared fixtures modules (cohort_fixtures.py) live beside this file.
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,0 +1,320 @@
+"""``pelmark synth``: check the inputs, then render each subject into its rows of the store.
+
+Work is cut by subject. One process renders in-process with a per-image
+progress bar; several run as Dask tasks on a ``LocalCluster`` or on an existing
+``dask.distributed`` scheduler (``--scheduler tcp://HOST:PORT``), where every
+worker must see the manifest's files and the store at the same paths (a shared
+file system). Each task writes only its own subject's chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pelmark.errors import PelmarkError
+from pelmark.manifest import Manifest, Role, Subject, load_manifest, validate_subject_data
+from pelmark.synth import store as store_mod
+from pelmark.synth.poses import Split, subject_poses, subject_splits
+from pelmark.synth.settings import SynthSettings, resolve_settings
+
+POSE_CONVENTION = (
+    "theta = (r, t): r Rodrigues vector (rad), t mm, in the world frame (RAS mm, origin at the CT volume "
+    "centre); the patient moves p' = R(r) p + t in front of a fixed AP C-arm (pelmark.geometry); "
+    "theta = 0 is the nominal AP view"
+)
+PIXEL_CONVENTION = "x = column, y = row; the centre of pixel (row r, column c) is (x=c, y=r); row 0 superior"
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectJob:
+    """What a worker needs to render one subject (paths, not arrays, so tasks stay small)."""
+
+    index: int
+    subject: Subject
+    landmark_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthReport:
+    store: Path
+    rendered_subjects: tuple[str, ...]
+    skipped_subjects: tuple[str, ...]
+    n_images: int
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PelmarkError(f"--device {device} was asked for, but no CUDA device is available")
+    return device
+
+
+# ---------------------------------------------------------------- one subject
+
+
+def subject_geometry(job: SubjectJob, settings: SynthSettings, ct, landmarks_world: np.ndarray) -> dict[str, np.ndarray]:
+    """Poses, splits and ground-truth 2D landmarks of one subject (no rendering)."""
+    import torch
+
+    from pelmark.geometry import project_with_depth
+
+    views = settings.views
+    poses = subject_poses(settings.seed, job.subject.id, views, settings.rotation_range, settings.translation_range)
+    camera = settings.camera
+    points = torch.from_numpy(landmarks_world)[None].expand(views, -1, -1)
+    px, depth = project_with_depth(points, torch.from_numpy(poses), camera)
+    visible = camera.contains(px) & (depth > 0)
+    return {
+        "pose": poses,
+        "landmarks_2d": px.numpy().astype(np.float32),
+        "visible": visible.numpy(),
+        "landmarks_3d": np.broadcast_to(landmarks_world.astype(np.float32), (views, *landmarks_world.shape)).copy(),
+        "subject": np.full(views, job.index, dtype=np.int32),
+        "split": subject_splits(settings.seed, job.subject.id, job.subject.role, views, settings.novel_views),
+    }
+
+
+def render_subject(
+    store_path: str, job: SubjectJob, settings: SynthSettings, on_images: Callable[[int], None] | None = None
+) -> str:
+    """Render one subject's views into the store and mark it done. Runs in a worker or in-process."""
+    import torch
+
+    from pelmark.io.ct import load_ct
+    from pelmark.io.landmarks import load_landmarks
+    from pelmark.synth.render import DRRRenderer
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    group = store_mod.open_store(Path(store_path), mode="r+")
+    layout = layout_of(group)
+    ct = load_ct(job.subject.ct)
+    landmarks_world = ct.ras_to_world(load_landmarks(job.subject.landmarks, job.landmark_names))
+    data = subject_geometry(job, settings, ct, landmarks_world)
+
+    renderer = DRRRenderer(ct, settings.camera, settings.render, device=resolve_device(settings.device))
+    rows = layout.rows(job.index)
+    images = group["images"]
+    for start in range(0, settings.views, settings.batch_size):
+        stop = min(start + settings.batch_size, settings.views)
+        batch = renderer.render(data["pose"][start:stop]).cpu().numpy()
+        images[rows.start + start : rows.start + stop] = batch.astype(layout.image_dtype)
+        if on_images is not None:
+            on_images(stop - start)
+    store_mod.write_subject(group, layout, job.index, data)
+    return job.subject.id
+
+
+def layout_of(group) -> store_mod.StoreLayout:
+    attrs = group.attrs
+    n, h, w = group["images"].shape
+    return store_mod.StoreLayout(
+        n_subjects=len(attrs["subjects"]),
+        views=int(attrs["settings"]["views"]),
+        height=h,
+        width=w,
+        n_landmarks=len(attrs["landmark_names"]),
+        image_dtype=str(group["images"].dtype),
+    )
+
+
+# ---------------------------------------------------------------- the run
+
+
+def check_inputs(manifest: Manifest, progress: bool = True) -> list[dict[str, Any]]:
+    """Load every CT and landmark file once, before anything is written. Returns per-subject provenance."""
+    from tqdm import tqdm
+
+    records = []
+    for index, subject in enumerate(tqdm(manifest.subjects, desc="checking inputs", unit="CT", disable=not progress)):
+        ct, _ = validate_subject_data(manifest, subject)
+        records.append(
+            {
+                "index": index,
+                "id": subject.id,
+                "role": subject.role.value,
+                "ct": str(subject.ct),
+                "landmarks": str(subject.landmarks),
+                "ct_sha256": ct.digest(),
+                "ct_shape": list(ct.shape),
+                "ct_spacing_mm": [float(s) for s in ct.spacing_mm],
+            }
+        )
+    return records
+
+
+def store_attributes(manifest: Manifest, settings: SynthSettings, subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    data = settings.data_fields()
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {"manifest": manifest.sha256, "settings": data, "cts": [s["ct_sha256"] for s in subjects],
+             "format_version": store_mod.FORMAT_VERSION},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    camera = settings.camera
+    return {
+        "format": store_mod.FORMAT_NAME,
+        "format_version": store_mod.FORMAT_VERSION,
+        "landmark_names": list(manifest.landmarks),
+        "subjects": subjects,
+        "splits": {s.label: int(s) for s in Split},
+        "intrinsics": {**camera.to_dict(), "pixel_convention": PIXEL_CONVENTION},
+        "pose_convention": POSE_CONVENTION,
+        "world_frame": "RAS mm, origin at the CT volume centre affine @ ((shape - 1) / 2)",
+        "image_normalisation": store_mod.IMAGE_NORMALISATION,
+        "seed": settings.seed,
+        "manifest_sha256": manifest.sha256,
+        "manifest_path": str(manifest.path),
+        "dataset": manifest.name,
+        "settings": data,
+        "fingerprint": fingerprint,
+        "versions": store_mod.package_versions(),
+        "git_revision": store_mod.git_revision(),
+        "created": store_mod.now_utc(),
+    }
+
+
+def _check_compatible(group, expected: dict[str, Any], path: Path) -> None:
+    found = dict(group.attrs)
+    if found.get("fingerprint") == expected["fingerprint"]:
+        return
+    differs = [k for k in ("manifest_sha256", "settings", "landmark_names") if found.get(k) != expected.get(k)]
+    if found.get("settings") != expected.get("settings"):
+        theirs, ours = found.get("settings", {}), expected["settings"]
+        differs = [f"setting '{k}' ({theirs.get(k)!r} there, {ours.get(k)!r} now)" for k in ours if theirs.get(k) != ours.get(k)]
+    if found.get("manifest_sha256") != expected["manifest_sha256"]:
+        differs.insert(0, "the manifest")
+    if not differs:
+        differs = ["the CT files"]
+    raise PelmarkError(
+        f"store was made from other inputs ({'; '.join(differs)}); use --overwrite to replace it or pick another --out",
+        path,
+    )
+
+
+def _writable_parent(path: Path) -> None:
+    parent = path.resolve().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise PelmarkError(f"cannot create the output folder ({exc.strerror})", parent) from None
+    if not os.access(parent, os.W_OK):
+        raise PelmarkError("output folder is not writable", parent)
+
+
+def run_synth(
+    manifest_path: Path,
+    out: Path,
+    overrides: dict[str, Any],
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SynthReport:
+    """Render the manifest's DRR dataset into ``out``, finishing only what is missing.
+
+    Args:
+        manifest_path: the cohort's TOML manifest.
+        out: the Zarr store to create or resume.
+        overrides: command-line settings (None = not given), over the manifest's ``[synth]``.
+        overwrite: replace a store made from other inputs instead of refusing.
+        progress: show progress bars.
+    """
+    manifest = load_manifest(manifest_path)
+    settings = resolve_settings(manifest.synth, overrides, manifest.path)
+    resolve_device(settings.device)
+    subjects = check_inputs(manifest, progress)
+    attributes = store_attributes(manifest, settings, subjects)
+    out = Path(out)
+    _writable_parent(out)
+
+    with store_mod.StoreLock(out):
+        if out.exists() and overwrite:
+            store_mod.remove_store(out)
+        if out.exists():
+            group = store_mod.open_store(out, mode="r+")
+            _check_compatible(group, attributes, out)
+        else:
+            layout = store_mod.StoreLayout(
+                n_subjects=len(manifest.subjects),
+                views=settings.views,
+                height=settings.camera.height,
+                width=settings.camera.width,
+                n_landmarks=len(manifest.landmarks),
+                image_dtype=settings.image_dtype,
+            )
+            store_mod.create_store(out, layout, {**attributes, "complete": False})
+            group = store_mod.open_store(out, mode="r+")
+
+        done = store_mod.done_subjects(group)
+        jobs = [
+            SubjectJob(index=i, subject=s, landmark_names=manifest.landmarks)
+            for i, s in enumerate(manifest.subjects)
+            if not done[i]
+        ]
+        skipped = tuple(s.id for i, s in enumerate(manifest.subjects) if done[i])
+        _run_jobs(str(out), jobs, settings, progress)
+        group.attrs["complete"] = bool(store_mod.done_subjects(group).all())
+        group.attrs["finished"] = store_mod.now_utc()
+    return SynthReport(
+        store=out,
+        rendered_subjects=tuple(j.subject.id for j in jobs),
+        skipped_subjects=skipped,
+        n_images=len(manifest.subjects) * settings.views,
+    )
+
+
+def _run_jobs(store_path: str, jobs: list[SubjectJob], settings: SynthSettings, progress: bool) -> None:
+    from tqdm import tqdm
+
+    if not jobs:
+        return
+    bar = tqdm(total=len(jobs) * settings.views, desc="rendering", unit="DRR", disable=not progress)
+    try:
+        if settings.scheduler == "local" and settings.workers == 1 or settings.scheduler == "sync":
+            for job in jobs:
+                render_subject(store_path, job, settings, on_images=bar.update)
+        else:
+            _run_on_dask(store_path, jobs, settings, bar)
+    finally:
+        bar.close()
+
+
+def _run_on_dask(store_path: str, jobs: list[SubjectJob], settings: SynthSettings, bar) -> None:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if settings.scheduler == "local":
+        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        settings = dataclasses.replace(settings, threads=threads)
+        cluster = LocalCluster(
+            n_workers=settings.workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+    elif settings.scheduler.startswith(("tcp://", "tls://", "ucx://")):
+        cluster = None
+        try:
+            client = Client(settings.scheduler, timeout="30s")
+        except OSError as exc:
+            raise PelmarkError(f"cannot reach the Dask scheduler {settings.scheduler} ({exc})") from None
+    else:
+        raise PelmarkError(f"unknown scheduler '{settings.scheduler}' (local, sync, or tcp://HOST:PORT)")
+    try:
+        futures = [client.submit(render_subject, store_path, job, settings, pure=False) for job in jobs]
+        for future in as_completed(futures):
+            future.result()  # re-raises a worker's error here
+            bar.update(settings.views)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,218 @@
+"""pelmark synth: the store's contents, determinism, scale-out, crash and resume, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from cohort_fixtures import NAMES, bead_ct, centroid_errors, write_bead_cohort
+from pelmark.cli import app
+from pelmark.errors import PelmarkError
+from pelmark.io.ct import CTVolume, save_ct
+from pelmark.synth import store as store_mod
+from pelmark.synth.pipeline import run_synth
+
+runner = CliRunner()
+
+
+def _synth(manifest: Path, out: Path, **overrides):
+    return run_synth(manifest, out, {"scheduler": "sync", **overrides}, progress=False)
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(path), mode="r")
+    return {name: group[name][:] for name in ("images", "pose", "landmarks_2d", "visible", "landmarks_3d", "subject", "split", "subject_done")}
+
+
+@pytest.fixture
+def cohort(tmp_path) -> Path:
+    return write_bead_cohort(tmp_path / "cohort")
+
+
+def test_store_schema_and_landmarks_on_beads(cohort, tmp_path):
+    store = tmp_path / "s.zarr"
+    _synth(cohort, store, views=6, height=64, pixel_spacing=3.0, novel_views=2)
+    group = zarr.open_group(str(store), mode="r")
+    n = 3 * 6
+    assert group["images"].shape == (n, 64, 64) and group["images"].dtype == np.float16
+    assert group["images"].chunks == (1, 64, 64)  # one image, one chunk
+    assert group["pose"].shape == (n, 6) and group["pose"].dtype == np.float64
+    assert group["landmarks_2d"].shape == (n, 5, 2) and group["landmarks_2d"].dtype == np.float32
+    assert group["visible"].dtype == bool and group["landmarks_3d"].shape == (n, 5, 3)
+    attrs = dict(group.attrs)
+    assert attrs["landmark_names"] == list(NAMES)
+    assert attrs["splits"] == {"train": 0, "novel_view": 1, "novel_subject": 2}
+    assert attrs["format_version"] == store_mod.FORMAT_VERSION and attrs["complete"] is True
+    assert attrs["intrinsics"]["sdd_mm"] == 1020.0 and attrs["intrinsics"]["cx_px"] == 31.5
+    assert len(attrs["subjects"][0]["ct_sha256"]) == 64 and "diffdrr" in attrs["versions"]
+
+    split = group["split"][:]
+    assert (split[:6] == 1).sum() == 2 and (split[12:] == 2).all()  # 2 novel views per train CT
+
+    # 3D landmarks are in the world frame (CT centre at the origin) of each subject.
+    ct0, beads0 = bead_ct(0)
+    np.testing.assert_allclose(group["landmarks_3d"][0], ct0.ras_to_world(beads0), atol=1e-4)
+
+    errors = [
+        e
+        for row in range(n)
+        for e in centroid_errors(group["images"][row], group["landmarks_2d"][row][group["visible"][row]])
+    ]
+    assert len(errors) >= 20
+    assert np.median(errors) < 0.25 and max(errors) < 0.6
+
+
+def test_same_seed_same_store_and_resume_skips_done(cohort, tmp_path):
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    _synth(cohort, a)
+    _synth(cohort, b)
+    for name, value in _arrays(a).items():
+        np.testing.assert_array_equal(value, _arrays(b)[name], err_msg=name)
+    report = _synth(cohort, a)
+    assert report.rendered_subjects == () and len(report.skipped_subjects) == 3
+
+
+def test_half_written_subject_is_redone(cohort, tmp_path):
+    store = tmp_path / "s.zarr"
+    _synth(cohort, store)
+    reference = _arrays(store)
+    group = zarr.open_group(str(store), mode="r+")
+    group["images"][4:8] = 0  # subject 1's images half-overwritten, and its flag not set: a crash
+    group["subject_done"][1] = False
+    report = _synth(cohort, store)
+    assert report.rendered_subjects == ("b1",)
+    for name, value in _arrays(store).items():
+        np.testing.assert_array_equal(value, reference[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_worker_local_cluster_equals_single_process(cohort, tmp_path):
+    single, cluster = tmp_path / "single.zarr", tmp_path / "cluster.zarr"
+    _synth(cohort, single)
+    run_synth(cohort, cluster, {"scheduler": "local", "workers": 2, "threads": 1}, progress=False)
+    for name, value in _arrays(single).items():
+        np.testing.assert_array_equal(value, _arrays(cluster)[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
+    manifest = write_bead_cohort(tmp_path / "cohort", n_subjects=4, synth={"views": 12, "height": 96})
+    reference, store = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
+    _synth(manifest, reference)
+
+    command = [sys.executable, "-m", "pelmark.cli", "synth", str(manifest), "--out", str(store), "--no-progress"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (store / "subject_done" / "c" / "0").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second subject
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = zarr.open_group(str(store), mode="r")["subject_done"][:]
+    assert 0 < done.sum() < 4, "the kill should land mid-run"
+
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for name, value in _arrays(reference).items():
+        np.testing.assert_array_equal(value, _arrays(store)[name], err_msg=name)
+
+
+def test_other_settings_refused_unless_overwrite(cohort, tmp_path):
+    store = tmp_path / "s.zarr"
+    _synth(cohort, store)
+    with pytest.raises(PelmarkError, match="views"):
+        _synth(cohort, store, views=5)
+    run_synth(cohort, store, {"scheduler": "sync", "views": 5}, overwrite=True, progress=False)
+    assert zarr.open_group(str(store), mode="r")["images"].shape[0] == 15
+
+
+def test_store_of_another_format_version_refused(cohort, tmp_path):
+    store = tmp_path / "s.zarr"
+    _synth(cohort, store)
+    zarr.open_group(str(store), mode="r+").attrs["format_version"] = 99
+    result = runner.invoke(app, ["synth", str(cohort), "--out", str(store), "--no-progress"])
+    assert result.exit_code == 1
+    assert "format version 99" in result.output and str(store) in result.output
+
+
+def test_second_writer_refused_and_stale_lock_taken_over(cohort, tmp_path):
+    store = tmp_path / "s.zarr"
+    lock = store_mod.StoreLock(store)
+    lock.acquire()  # this (live) process holds it
+    try:
+        with pytest.raises(PelmarkError, match="another pelmark synth"):
+            _synth(cohort, store)
+    finally:
+        lock.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.path.write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    _synth(cohort, store)
+    assert not lock.path.exists()
+
+
+@pytest.mark.parametrize("problem", ["missing_ct", "nan_ct", "landmark_outside", "missing_name"])
+def test_bad_inputs_one_line_and_nothing_written(cohort, tmp_path, problem):
+    root = cohort.parent
+    if problem == "missing_ct":
+        (root / "ct" / "b1.nii.gz").unlink()
+        culprit = "b1.nii.gz"
+    elif problem == "nan_ct":
+        ct, _ = bead_ct(1)
+        hu = ct.hu.copy()
+        hu[3, 3, 3] = np.nan
+        save_ct(CTVolume(hu=hu, affine_ras=ct.affine_ras), root / "ct" / "b1.nii.gz")
+        culprit = "b1.nii.gz"
+    elif problem == "landmark_outside":
+        text = (root / "landmarks" / "b2.mrk.json").read_text()
+        data = json.loads(text)
+        data["markups"][0]["controlPoints"][1]["position"] = [900.0, 900.0, 900.0]
+        (root / "landmarks" / "b2.mrk.json").write_text(json.dumps(data))
+        culprit = "b2.mrk.json"
+    else:
+        text = (root / "landmarks" / "b0.mrk.json").read_text()
+        (root / "landmarks" / "b0.mrk.json").write_text(text.replace('"C"', '"Z"'))
+        culprit = "b0.mrk.json"
+    store = tmp_path / "s.zarr"
+    result = runner.invoke(app, ["synth", str(cohort), "--out", str(store), "--no-progress", "--scheduler", "sync"])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and culprit in lines[0], result.output
+    assert not store.exists()
+
+
+def test_unwritable_output(cohort, tmp_path):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root)")
+        with pytest.raises(PelmarkError, match="not writable"):
+            _synth(cohort, locked / "s.zarr")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_cli_overrides_manifest_and_preview(cohort, tmp_path):
+    store = tmp_path / "s.zarr"
+    result = runner.invoke(app, ["synth", str(cohort), "--out", str(store), "--views", "3", "--novel-views", "1",
+                                 "--no-progress", "--scheduler", "sync"])
+    assert result.exit_code == 0, result.output
+    assert zarr.open_group(str(store), mode="r")["pose"].shape == (9, 6)
+    result = runner.invoke(app, ["synth", "preview", str(store), "--out", str(tmp_path / "prev")])
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in (tmp_path / "prev").glob("*.png"))
+    assert pngs == ["preview_novel_subject.png", "preview_novel_view.png", "preview_train.png"]
