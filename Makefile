@@ -13,6 +13,10 @@ PHANTOM_SUBJECTS ?= 6
 PHANTOM_SPACING ?= 2.5
 SEED ?= 0
 MANIFEST ?= $(PHANTOM_DIR)/manifest.toml
+STORE ?= $(OUT)/synth.zarr
+SYNTH_ARGS ?=
+# The phantom manifest is made on demand only when it is the cohort in use.
+MANIFEST_DEP := $(if $(filter $(PHANTOM_DIR)/manifest.toml,$(MANIFEST)),$(PHANTOM_DIR)/manifest.toml)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo phantom synth train-baseline train-composite train-pel-only train-finetune eval paper bench test test-fast clean
@@ -28,13 +32,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install pelmark with its dependencies
 
-demo: phantom ## The main job on the built-in phantom cohort (grows with each stage)
-	@echo "phantom cohort and its AP preview: $(PHANTOM_DIR)/preview.png"
+demo: synth ## The main job on the built-in phantom cohort: phantom CTs, DRR store, previews
+	$(PELMARK) synth preview $(STORE) --out $(OUT)/preview
+	@echo "cohort: $(PHANTOM_DIR)  store: $(STORE)  previews: $(OUT)/preview/*.png"
 
-phantom: $(STAMP) ## Write the phantom pelvis cohort (CTs, landmarks, manifest, preview.png)
+phantom: $(PHANTOM_DIR)/manifest.toml ## Write the phantom pelvis cohort (CTs, landmarks, manifest, preview.png)
+
+$(PHANTOM_DIR)/manifest.toml: | $(STAMP)
 	$(PELMARK) phantom $(PHANTOM_DIR) --subjects $(PHANTOM_SUBJECTS) --seed $(SEED) --spacing $(PHANTOM_SPACING)
 
-synth train-baseline train-composite train-pel-only train-finetune eval paper: $(STAMP)
+synth: $(STAMP) $(MANIFEST_DEP) ## Render MANIFEST's DRRs into STORE (resumes; see pelmark synth --help)
+	$(PELMARK) synth $(MANIFEST) --out $(STORE) $(SYNTH_ARGS)
+
+train-baseline train-composite train-pel-only train-finetune eval paper: $(STAMP)
 	@echo "make $@: this stage arrives in a later version of pelmark" >&2; exit 2
 
 bench: $(STAMP) ## Run the benchmarks (they print numbers and a final JSON line each)

@@ -61,9 +61,16 @@ def phantom(
     ),
     beads: bool = typer.Option(False, "--beads", help="Also place small dense beads at the landmarks (geometry checks)."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a PNG of AP DRRs with landmarks."),
+    synth_preset: str = typer.Option(
+        "demo", "--synth-preset", help="[synth] settings written into the manifest: demo (CPU-sized), paper, or none."
+    ),
 ) -> None:
     """Write a cohort of procedural pelvis CTs with exactly known landmarks."""
     from pelmark.synth.phantom.cohort import CohortSettings, write_cohort
+    from pelmark.synth.settings import SYNTH_PRESETS
+
+    if synth_preset != "none" and synth_preset not in SYNTH_PRESETS:
+        raise PelmarkError(f"unknown --synth-preset '{synth_preset}' (demo, paper or none)")
 
     settings = CohortSettings(
         n_subjects=subjects,
@@ -72,6 +79,7 @@ def phantom(
         n_novel_subjects=novel_subjects,
         beads=beads,
         preview=preview,
+        synth=None if synth_preset == "none" else SYNTH_PRESETS[synth_preset],
     )
     manifest = write_cohort(out, settings)
     typer.echo(f"wrote {manifest}")
