@@ -1,0 +1,175 @@
+"""``register``: the differentiable 2D/3D landmark registration layer (paper eqs. 3-8)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from pelmark.errors import PelmarkError
+from pelmark.geometry import Camera, project
+from pelmark.registration.checks import Problem, prepare, solution_reason
+from pelmark.registration.implicit import ImplicitPose
+from pelmark.registration.init import initial_pose, starting_poses
+from pelmark.registration.lm import solve_lm
+from pelmark.registration.objective import chart_jacobian, linearise, normal_equations, rms_residual_px
+from pelmark.registration.options import Init, RegistrationSettings, Solver
+from pelmark.registration.result import RegistrationResult
+from pelmark.registration.unrolled import Box, Objective, solve_adam, solve_lbfgs
+from pelmark.types import Landmarks2D, Landmarks3D, Weights
+
+
+def register(
+    landmarks_px: Landmarks2D,
+    weights: Weights,
+    points_world_mm: Landmarks3D,
+    camera: Camera,
+    solver: Solver | str = Solver.LM,
+    init: Init | str | Tensor | None = None,
+    settings: RegistrationSettings = RegistrationSettings(),
+) -> RegistrationResult:
+    """Find per sample the pose θ minimising Σ_i w_i |π(p_i; θ) - l_i|² (paper eq. 4).
+
+    Args:
+        landmarks_px: (B, L, 2) detections (x = column, y = row), any float dtype;
+            the pose comes back in this dtype.
+        weights: (B, L) non-negative confidences; 0 marks a landmark that is not
+            visible (its coordinates may then be NaN).
+        points_world_mm: (B, L, 3) or (L, 3) landmarks in the world frame.
+        camera: the detector and nominal C-arm.
+        solver: ``lm`` (converged, implicit backward), or the paper's unrolled
+            ``adam`` / ``lbfgs`` (backward through the iterations).
+        init: ``identity``, ``closed_form`` or a (B, 6) pose (treated as a
+            constant). Default: ``closed_form`` for lm (identity where the
+            closed form is unusable or fits worse), ``identity`` for adam and
+            lbfgs, as in the paper.
+        settings: tolerances, schedules, bounds and the depth clamp.
+
+    Returns:
+        A :class:`RegistrationResult`. Degenerate samples (see
+        :class:`~pelmark.registration.options.Degeneracy`) keep their initial
+        pose, get zero gradient, and never make the rest of the batch fail.
+
+    Raises:
+        PelmarkError: on wrong shapes, negative weights, or an unknown solver/init.
+    """
+    kind = _solver(solver)
+    problem = prepare(landmarks_px, weights, points_world_mm, settings)
+    if init is None:
+        init = Init.CLOSED_FORM if kind is Solver.LM else Init.IDENTITY
+    detached = (problem.landmarks_px.detach(), problem.weights.detach(), problem.points_world_mm.detach())
+    inputs = (problem.landmarks_px, problem.weights, problem.points_world_mm)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    if kind is Solver.LM:
+        starts = starting_poses(init, *detached, camera)
+        solved = _run_lm(problem, camera, starts, settings, needs_grad)
+    else:
+        start = initial_pose(init, *detached, camera, settings.min_depth_mm)
+        solved = _run_unrolled(kind, problem, camera, start, settings, needs_grad)
+
+    dtype = landmarks_px.dtype if landmarks_px.is_floating_point() else torch.float64
+    return RegistrationResult(
+        pose=solved.pose.to(dtype),
+        residual_px=solved.residual_px.to(dtype),
+        iterations=solved.iterations,
+        converged=solved.converged & (solved.reason == 0),
+        degenerate=solved.reason != 0,
+        reason=solved.reason,
+        init_pose=solved.start,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Solved:
+    """What a solver hands back to :func:`register` (float64)."""
+
+    pose: Tensor
+    start: Tensor
+    residual_px: Tensor
+    reason: Tensor
+    iterations: Tensor
+    converged: Tensor
+
+
+def _solver(solver: Solver | str) -> Solver:
+    try:
+        return Solver(solver)
+    except ValueError as error:
+        raise PelmarkError(f"unknown solver {solver!r}; use one of {[s.value for s in Solver]}") from error
+
+
+def _run_lm(
+    problem: Problem, camera: Camera, starts: Tensor, settings: RegistrationSettings, needs_grad: bool
+) -> _Solved:
+    """Solve to convergence without a graph; attach the implicit backward if needed."""
+    landmarks, weights, points = problem.landmarks_px, problem.weights, problem.points_world_mm
+    state = solve_lm(
+        landmarks.detach(),
+        weights.detach(),
+        points.detach(),
+        camera,
+        starts,
+        problem.keep,
+        settings.lm,
+        settings.min_depth_mm,
+    )
+    found = solution_reason(state.depth_mm, weights.detach(), state.gauss_newton, state.pose, settings)
+    reason = problem.reason | torch.where(problem.keep, found, 0)
+    keep = reason == 0
+    solution = torch.where(keep[:, None], state.pose, state.start)
+    # Flagged samples return their start, which the solver never left unless it was flagged afterwards.
+    residual = _residual(problem, camera, solution, state.pixels, keep | ~problem.keep, settings)
+    if needs_grad:
+        pose = ImplicitPose.apply(solution, landmarks, weights, points, keep, camera, settings.min_depth_mm)
+    else:
+        pose = solution
+    return _Solved(pose, state.start, residual, reason, state.iterations, state.converged)
+
+
+def _run_unrolled(
+    kind: Solver,
+    problem: Problem,
+    camera: Camera,
+    start: Tensor,
+    settings: RegistrationSettings,
+    needs_grad: bool,
+) -> _Solved:
+    """The paper's Adam or L-BFGS, then the same checks as LM and a stationarity test."""
+    objective = Objective(
+        problem.landmarks_px, problem.weights, problem.points_world_mm, camera, settings.min_depth_mm
+    )
+    box = Box(settings.rotation_bound_rad, settings.translation_bound_mm)
+    if kind is Solver.ADAM:
+        pose = solve_adam(objective, start, box, settings.adam, needs_grad)
+        iterations = torch.full_like(problem.reason, settings.adam.iterations)
+    else:
+        pose, iterations = solve_lbfgs(objective, start, box, settings.lbfgs, needs_grad)
+
+    with torch.no_grad():
+        weights = problem.weights.detach()
+        lin = linearise(problem.points_world_mm.detach(), pose.detach(), camera, settings.min_depth_mm)
+        gauss_newton, gradient = normal_equations(
+            chart_jacobian(lin), lin.pixels - problem.landmarks_px.detach(), weights
+        )
+        found = solution_reason(lin.depth_mm, weights, gauss_newton, pose.detach(), settings)
+        reason = problem.reason | torch.where(problem.keep, found, 0)
+        keep = reason == 0
+        # Converged: one Gauss-Newton step from the result is negligible in every component.
+        eye = torch.eye(6, dtype=pose.dtype, device=pose.device)
+        step, info = torch.linalg.solve_ex(torch.where(keep[:, None, None], gauss_newton, eye), -gradient)
+        converged = keep & (info == 0) & (step.abs().amax(-1) <= settings.converged_step)
+    pose = torch.where(keep[:, None], pose, start)
+    residual = _residual(problem, camera, pose.detach(), lin.pixels, keep, settings)
+    return _Solved(pose, start, residual, reason, iterations, converged)
+
+
+def _residual(
+    problem: Problem, camera: Camera, pose: Tensor, pixels: Tensor, at_pose: Tensor, settings: RegistrationSettings
+) -> Tensor:
+    """(B,) RMS reprojection error at ``pose``; ``pixels`` are already its projection where ``at_pose``."""
+    with torch.no_grad():
+        if not bool(at_pose.all()):
+            fresh = project(problem.points_world_mm.detach(), pose, camera, settings.min_depth_mm)
+            pixels = torch.where(at_pose[:, None, None], pixels, fresh)
+        return rms_residual_px(pixels - problem.landmarks_px.detach(), problem.visible_weights.detach())

@@ -1,0 +1,164 @@
+"""Input validation and the degeneracy tests run before and after a solve.
+
+Bad *arguments* (wrong shapes, negative weights) raise :class:`PelmarkError`.
+Bad *samples* (too few visible landmarks, collinear points, NaN detections,
+points behind the source) are flagged per sample so one of them never stops
+a training batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from pelmark.errors import PelmarkError
+from pelmark.registration.options import Degeneracy, RegistrationSettings
+from pelmark.types import Landmarks2D, Landmarks3D, Weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A validated batch in float64, safe to compute on.
+
+    Attributes:
+        landmarks_px: (B, L, 2); non-finite entries are 0.
+        weights: (B, L) weights to solve with; non-finite entries and all of a
+            flagged sample's are 0, so they cannot produce NaN anywhere, not even
+            in a backward pass.
+        visible_weights: (B, L) the finite weights of every sample, flagged or
+            not, for reporting residuals.
+        points_world_mm: (B, L, 3); non-finite entries are 0.
+        reason: (B,) int64 :class:`Degeneracy` bits known before solving.
+    """
+
+    landmarks_px: Tensor
+    weights: Tensor
+    visible_weights: Tensor
+    points_world_mm: Tensor
+    reason: Tensor
+
+    @property
+    def keep(self) -> Tensor:
+        """(B,) True for samples that are solved."""
+        return self.reason == 0
+
+
+def validate(landmarks_px: Landmarks2D, weights: Weights, points_world_mm: Landmarks3D) -> Landmarks3D:
+    """Check shapes and signs; return the 3D points broadcast to (B, L, 3).
+
+    Raises:
+        PelmarkError: on a shape mismatch or a negative weight.
+    """
+    if landmarks_px.ndim != 3 or landmarks_px.shape[-1] != 2:
+        raise PelmarkError(f"landmarks_px must have shape (B, L, 2), got {tuple(landmarks_px.shape)}")
+    batch, count, _ = landmarks_px.shape
+    if tuple(weights.shape) != (batch, count):
+        raise PelmarkError(f"weights must have shape ({batch}, {count}), got {tuple(weights.shape)}")
+    if points_world_mm.ndim == 2:
+        points_world_mm = points_world_mm.expand(batch, *points_world_mm.shape)
+    if tuple(points_world_mm.shape) != (batch, count, 3):
+        raise PelmarkError(
+            f"points_world_mm must have shape ({batch}, {count}, 3) or ({count}, 3), got {tuple(points_world_mm.shape)}"
+        )
+    if bool((weights < 0).any()):
+        raise PelmarkError("weights must be >= 0 (0 marks a landmark that is not visible)")
+    return points_world_mm
+
+
+def prepare(
+    landmarks_px: Landmarks2D,
+    weights: Weights,
+    points_world_mm: Landmarks3D,
+    settings: RegistrationSettings,
+) -> Problem:
+    """Validate, cast to float64, neutralise non-finite entries and flag degenerate samples.
+
+    The returned tensors stay connected to the caller's for autograd (only
+    out-of-place ``where``/``to``), and the caller's tensors are never modified.
+    """
+    points_world_mm = validate(landmarks_px, weights, points_world_mm)
+    f64 = torch.float64
+    landmarks = landmarks_px.to(f64)
+    w = weights.to(f64)
+    points = points_world_mm.to(f64)
+
+    bad_weight = ~torch.isfinite(w)
+    visible = (w > 0) & ~bad_weight
+    finite_entry = torch.isfinite(landmarks).all(-1) & torch.isfinite(points).all(-1)
+    bad_entry = bad_weight | (visible & ~finite_entry)
+    non_finite = bad_entry.any(-1)
+    usable = visible & ~bad_entry
+    zero = torch.zeros((), dtype=f64, device=landmarks.device)
+    # Invisible landmarks keep finite coordinates: d(pose)/d(weight) at weight 0 needs them.
+    landmarks = torch.where(torch.isfinite(landmarks), landmarks, zero)
+    points = torch.where(torch.isfinite(points), points, zero)
+
+    reason = torch.zeros(landmarks.shape[0], dtype=torch.int64, device=landmarks.device)
+    reason = reason | torch.where(non_finite, int(Degeneracy.NON_FINITE), 0)
+    reason = reason | torch.where(usable.sum(-1) < settings.min_visible, int(Degeneracy.FEW_VISIBLE), 0)
+    collinear = _collinear(points, usable, settings.collinear_tolerance)
+    reason = reason | torch.where(collinear, int(Degeneracy.COLLINEAR), 0)
+    visible_weights = torch.where(usable, w, zero)
+    # Zero weights pass through (not replaced by a constant): d(pose)/d(weight) at 0 is meaningful.
+    w = torch.where(~bad_entry & (reason == 0)[:, None], w, zero)
+    return Problem(
+        landmarks_px=landmarks, weights=w, visible_weights=visible_weights, points_world_mm=points, reason=reason
+    )
+
+
+def _collinear(points: Tensor, visible: Tensor, tolerance: float) -> Tensor:
+    """(B,) True where the visible points span no more than a line (or a point).
+
+    With λ1 ≥ λ2 ≥ λ3 the eigenvalues of the scatter matrix S, the points are
+    collinear when λ2/λ1 ≤ tol² (tol: a ratio of singular values). The second
+    invariant I2 = ½(tr(S)² - tr(S²)) = λ1λ2 + λ1λ3 + λ2λ3 lies in [λ1λ2, 3λ1λ2]
+    and tr(S) in [λ1, 3λ1], which gives the test without an eigen-decomposition.
+    """
+    mask = visible.to(points.dtype)[..., None]
+    count = mask.sum(-2).clamp_min(1.0)
+    centred = (points - (points * mask).sum(-2, keepdim=True) / count[..., None]) * mask
+    scatter = centred.transpose(-1, -2) @ centred
+    trace = scatter.diagonal(dim1=-2, dim2=-1).sum(-1)
+    invariant = 0.5 * (trace.square() - scatter.square().sum((-2, -1)))
+    return invariant <= (tolerance * trace).square()
+
+
+def solution_reason(
+    depth_mm: Tensor,
+    weights: Weights,
+    gauss_newton: Tensor,
+    pose: Tensor,
+    settings: RegistrationSettings,
+) -> Tensor:
+    """Degeneracy bits found at a solution: points behind the source, singular normal equations, NaN.
+
+    Args:
+        depth_mm: (B, L) unclamped depths at the solution.
+        weights: (B, L) float64 weights (0 for flagged samples).
+        gauss_newton: (B, 6, 6) JᵀWJ at the solution.
+        pose: (B, 6) the solution.
+        settings: tolerances.
+
+    Returns:
+        (B,) int64 :class:`Degeneracy` bits.
+    """
+    visible = weights > 0
+    behind = (visible & (depth_mm <= settings.min_depth_mm)).any(-1)
+    # Jacobi scaling makes the test free of the rad/mm units of θ; the scaled
+    # matrix minus tol·I has a Cholesky factor iff its smallest eigenvalue > tol.
+    diag = gauss_newton.diagonal(dim1=-2, dim2=-1)
+    tiny = torch.finfo(diag.dtype).tiny
+    inv_sqrt = diag.clamp_min(tiny).rsqrt()
+    scaled = gauss_newton * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
+    scaled = torch.where(torch.isfinite(scaled), scaled, torch.zeros_like(scaled))
+    eye = torch.eye(6, dtype=scaled.dtype, device=scaled.device)
+    _, info = torch.linalg.cholesky_ex(scaled - settings.lm.singular_tolerance * eye)
+    no_signal = diag.amin(-1) <= settings.lm.singular_tolerance * diag.amax(-1).clamp_min(tiny)
+    singular = (info != 0) | no_signal
+    not_finite = ~torch.isfinite(pose).all(-1)
+    reason = torch.where(behind, int(Degeneracy.BEHIND_SOURCE), 0)
+    reason = reason | torch.where(singular, int(Degeneracy.SINGULAR), 0)
+    reason = reason | torch.where(not_finite, int(Degeneracy.NON_FINITE), 0)
+    return reason.to(torch.int64)

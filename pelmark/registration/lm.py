@@ -1,0 +1,211 @@
+"""Batched Levenberg-Marquardt on the registration cost, in float64, without autograd.
+
+Each iteration solves (JᵀWJ + λ diag(JᵀWJ)) δ = -JᵀWe for every sample at once
+(Cholesky, one 6x6 system per sample) in the local chart δ = (ω, τ) (see
+:mod:`pelmark.registration.objective`), tries θ ⊕ δ, keeps it where the cost
+went down (λ /= 10) and otherwise keeps θ (λ *= 10). A sample stops with a
+step that is negligible, either in size (``step_tolerance``, relative to |θ|)
+or in the cost decrease the linear model predicts for it (``cost_tolerance``,
+relative); the loop ends when every sample has stopped. Gradients are
+not taken through these iterations: see :mod:`pelmark.registration.implicit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from pelmark.geometry import Camera
+from pelmark.registration.objective import (
+    chart_jacobian,
+    linearise,
+    normal_equations,
+    retract,
+    weighted_cost,
+    wrap_rotation,
+)
+from pelmark.registration.options import LMSettings
+from pelmark.types import Landmarks2D, Landmarks3D, Pose, Weights
+
+_MIN_DAMPING = 1e-15
+
+
+@dataclasses.dataclass(frozen=True)
+class LMState:
+    """Where a batched solve stopped.
+
+    Attributes:
+        pose: (B, 6) float64 solutions, |r| ≤ π.
+        start: (B, 6) the starting pose each sample used (the best of the candidates).
+        cost: (B,) weighted squared reprojection error at the last evaluated pose.
+        gauss_newton: (B, 6, 6) JᵀWJ in the chart δ = (ω, τ) at the last evaluated pose.
+        pixels: (B, L, 2) projections at the last evaluated pose.
+        depth_mm: (B, L) depths at the last evaluated pose. (A converged sample's
+            last step was negligible and taken without evaluating it.)
+        iterations: (B,) iterations run.
+        converged: (B,) a stopping rule was met before ``max_iterations``.
+    """
+
+    pose: Pose
+    start: Pose
+    cost: Tensor
+    gauss_newton: Tensor
+    pixels: Tensor
+    depth_mm: Tensor
+    iterations: Tensor
+    converged: Tensor
+
+
+def solve_lm(
+    landmarks_px: Landmarks2D,
+    weights: Weights,
+    points_world_mm: Landmarks3D,
+    camera: Camera,
+    starts: Tensor,
+    active: Tensor,
+    settings: LMSettings,
+    min_depth_mm: float,
+) -> LMState:
+    """Minimise Σ w |π(θ) - l|² per sample.
+
+    Args:
+        landmarks_px: (B, L, 2) float64 detections.
+        weights: (B, L) float64 weights.
+        points_world_mm: (B, L, 3) float64 world points.
+        camera: the detector and nominal C-arm.
+        starts: (B, 6) starting poses, or (K, B, 6) candidates of which each
+            sample starts from the one with the lowest cost (the candidates are
+            evaluated in one batched call, which costs about as much as one).
+        active: (B,) samples to solve; the others keep their start.
+        settings: stopping rules.
+        min_depth_mm: depth clamp.
+
+    Returns:
+        The final :class:`LMState`.
+    """
+    with torch.no_grad():
+        starts = starts if starts.ndim == 3 else starts[None]
+        evaluated = _best_start(landmarks_px, weights, points_world_mm, camera, starts, min_depth_mm)
+        return _iterate(landmarks_px, weights, points_world_mm, camera, *evaluated, active, settings, min_depth_mm)
+
+
+def _evaluate(
+    landmarks_px: Tensor, weights: Tensor, points_world_mm: Tensor, camera: Camera, pose: Tensor, min_depth_mm: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Cost (B,), chart JᵀWJ (B, 6, 6), JᵀWe (B, 6), pixels (B, L, 2) and depths (B, L) at ``pose``."""
+    lin = linearise(points_world_mm, pose, camera, min_depth_mm)
+    residual = lin.pixels - landmarks_px
+    hessian, gradient = normal_equations(chart_jacobian(lin), residual, weights)
+    return weighted_cost(residual, weights), hessian, gradient, lin.pixels, lin.depth_mm
+
+
+def _best_start(
+    landmarks_px: Tensor, weights: Tensor, points_world_mm: Tensor, camera: Camera, starts: Tensor, min_depth_mm: float
+) -> tuple[Tensor, ...]:
+    """The candidate with the lowest cost per sample, and its evaluation."""
+    count, batch = starts.shape[:2]
+    starts = wrap_rotation(starts.reshape(count * batch, 6))
+    repeat = (count, 1, 1)
+    evaluated = _evaluate(
+        landmarks_px.repeat(repeat),
+        weights.repeat(count, 1),
+        points_world_mm.repeat(repeat),
+        camera,
+        starts,
+        min_depth_mm,
+    )
+    if count == 1:
+        return (starts, *evaluated)
+    cost = evaluated[0]
+    cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, math.inf))
+    # The first candidate wins ties (argmin returns the first minimum).
+    index = cost.reshape(count, batch).argmin(0) * batch + torch.arange(batch, device=starts.device)
+    return tuple(x[index] for x in (starts, *evaluated))
+
+
+def _iterate(
+    landmarks_px: Tensor,
+    weights: Tensor,
+    points_world_mm: Tensor,
+    camera: Camera,
+    start: Tensor,
+    cost: Tensor,
+    hessian: Tensor,
+    gradient: Tensor,
+    pixels: Tensor,
+    depth: Tensor,
+    active: Tensor,
+    settings: LMSettings,
+    min_depth_mm: float,
+) -> LMState:
+    batch = start.shape[0]
+    device = start.device
+    pose = start
+    damping = torch.full((batch,), settings.initial_damping, dtype=pose.dtype, device=device)
+    # The cost is good to about 32 eps Σ w |e| (|l| + |e|) ≤ 32 eps (√(Σ w |l|²) + √E) √E (Cauchy-Schwarz).
+    rounding = 32.0 * torch.finfo(pose.dtype).eps
+    landmark_norm = weighted_cost(landmarks_px, weights).sqrt()
+    iterations = torch.zeros(batch, dtype=torch.int64, device=device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    for _ in range(settings.max_iterations):
+        if not bool(active.any()):
+            break
+        # A failed factorisation (all weights 0, or no signal in a direction) gives a
+        # zero step: the sample's λ then grows until it stops, flagged later as singular.
+        diag = hessian.diagonal(dim1=-2, dim2=-1)
+        factor, info = torch.linalg.cholesky_ex(hessian + torch.diag_embed(damping[:, None] * diag))
+        step = torch.cholesky_solve(gradient[..., None], factor)[..., 0]
+        step = torch.where((info == 0)[:, None], -step, torch.zeros_like(step))
+        trial = retract(pose, step)
+        if bool((trial[:, :3].square().sum(-1) > math.pi**2).any()):
+            trial = wrap_rotation(trial)
+
+        # A negligible step is taken without evaluating it: its effect on the
+        # cost is below rounding, and skipping that evaluation saves a whole
+        # iteration per solve. Pixels, depths and JᵀWJ stay those of the last
+        # evaluated pose, which differs from the returned one by that step.
+        # From (H + λD) δ = -g the model decrease -(2gᵀδ + δᵀHδ) is -gᵀδ + λ δᵀDδ.
+        predicted = (damping[:, None] * diag * step.square() - gradient * step).sum(-1)
+        small_step = step.norm(dim=-1) <= settings.step_tolerance * (pose.norm(dim=-1) + settings.step_tolerance)
+        final = active & (info == 0) & (small_step | (predicted <= settings.cost_tolerance * cost))
+        if bool(final.any()):
+            pose = torch.where(final[:, None], trial, pose)
+            iterations = iterations + final.to(torch.int64)
+            converged = converged | final
+            active = active & ~final
+            if not bool(active.any()):
+                break
+
+        trial_cost, trial_hessian, trial_gradient, trial_pixels, trial_depth = _evaluate(
+            landmarks_px, weights, points_world_mm, camera, trial, min_depth_mm
+        )
+        # Near the minimum the cost changes by less than its own rounding error,
+        # so a step that does not raise it beyond that error counts as a descent:
+        # rejecting it would only inflate λ and stop short of the minimum.
+        slack = rounding * (cost.sqrt() + landmark_norm) * cost.sqrt()
+        accept = active & (trial_cost < cost + slack)  # False for NaN
+
+        pose = torch.where(accept[:, None], trial, pose)
+        cost = torch.where(accept, trial_cost, cost)
+        hessian = torch.where(accept[:, None, None], trial_hessian, hessian)
+        gradient = torch.where(accept[:, None], trial_gradient, gradient)
+        pixels = torch.where(accept[:, None, None], trial_pixels, pixels)
+        depth = torch.where(accept[:, None], trial_depth, depth)
+        damping = torch.where(accept, damping * 0.1, damping * 10.0).clamp_min(_MIN_DAMPING)
+        iterations = iterations + active.to(torch.int64)
+        active = active & (damping <= settings.max_damping)
+
+    return LMState(
+        pose=pose,
+        start=start,
+        cost=cost,
+        gauss_newton=hessian,
+        pixels=pixels,
+        depth_mm=depth,
+        iterations=iterations,
+        converged=converged,
+    )

@@ -1,0 +1,56 @@
+"""The closed-form (DLT) start and the choice between it and the identity."""
+
+from __future__ import annotations
+
+import torch
+
+from pelmark.registration import closed_form_pose
+from pelmark.registration.init import initial_pose, starting_poses
+
+from ._problems import F64, make_problem, rotation_error_rad, translation_error_mm
+
+
+def test_closed_form_is_exact_without_noise():
+    problem = make_problem(16, seed=10)
+    pose, ok = closed_form_pose(problem.clean_px, problem.weights, problem.points_world_mm, problem.camera)
+    assert ok.all()
+    assert translation_error_mm(pose, problem.pose_true).max() < 1e-6
+    assert rotation_error_rad(pose, problem.pose_true).max() < 1e-9
+
+
+def test_closed_form_is_close_with_noise():
+    problem = make_problem(32, seed=11, noise_px=1.0)
+    pose, ok = closed_form_pose(problem.landmarks_px, problem.weights, problem.points_world_mm, problem.camera)
+    # A start, not an answer: within a few degrees and centimetres (depth is the weak direction).
+    assert ok.float().mean() > 0.9
+    assert torch.rad2deg(rotation_error_rad(pose, problem.pose_true))[ok].max() < 5.0
+    assert translation_error_mm(pose, problem.pose_true)[ok].max() < 30.0
+
+
+def test_closed_form_declines_too_few_points():
+    problem = make_problem(2, seed=12)
+    weights = problem.weights.clone()
+    weights[:, 5:] = 0.0  # five visible: the DLT's 11 unknowns need six
+    pose, ok = closed_form_pose(problem.clean_px, weights, problem.points_world_mm, problem.camera)
+    assert not ok.any()
+    assert torch.equal(pose, torch.zeros_like(pose))
+
+
+def test_closed_form_candidates_and_choice():
+    problem = make_problem(3, seed=13)
+    args = (problem.clean_px, problem.weights, problem.points_world_mm, problem.camera)
+    starts = starting_poses("closed_form", *args)
+    assert starts.shape == (2, 3, 6)
+    assert torch.equal(starts[1], torch.zeros(3, 6, dtype=F64))
+    chosen = initial_pose("closed_form", *args, 1e-3)
+    torch.testing.assert_close(chosen, starts[0])
+    assert starting_poses("identity", *args).shape == (1, 3, 6)
+
+
+def test_identity_chosen_when_it_fits_better():
+    # Landmarks of the identity pose, but with the closed form forced unusable (5 points):
+    problem = make_problem(2, seed=14, rotation_deg=0.0, translation_mm=0.0)
+    weights = problem.weights.clone()
+    weights[:, 5:] = 0.0
+    chosen = initial_pose("closed_form", problem.clean_px, weights, problem.points_world_mm, problem.camera, 1e-3)
+    assert torch.equal(chosen, torch.zeros(2, 6, dtype=F64))

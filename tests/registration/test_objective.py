@@ -1,0 +1,119 @@
+"""The analytic Jacobians and Hessian against autograd through geometry.project."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import jacrev, vmap
+
+from pelmark import geometry as g
+from pelmark.registration.implicit import chart_hessian
+from pelmark.registration.objective import (
+    chart_jacobian,
+    left_jacobian_inverse_apply,
+    left_jacobian_transpose_apply,
+    linearise,
+    project_with_jacobian,
+    retract,
+    wrap_rotation,
+)
+
+from ._problems import F64, make_problem
+
+
+def _poses_with_small_angles(batch: int, seed: int) -> torch.Tensor:
+    pose = make_problem(batch, seed).pose_true.clone()
+    pose[0, :3] = 0.0  # the Taylor branch at exactly r = 0
+    pose[1, :3] = 1e-5  # and just off it
+    return pose
+
+
+def test_theta_jacobian_matches_autograd():
+    problem = make_problem(4, seed=0)
+    pose = _poses_with_small_angles(4, seed=0)
+    _, _, jacobian = project_with_jacobian(problem.points_world_mm, pose, problem.camera, 1e-3)
+
+    def one(p, x):
+        return g.project(x[None], p[None], problem.camera)[0]
+
+    reference = vmap(jacrev(one))(pose, problem.points_world_mm)
+    assert jacobian.shape == (4, 8, 2, 6)
+    torch.testing.assert_close(jacobian, reference, rtol=1e-9, atol=1e-9)
+
+
+def test_chart_jacobian_matches_autograd_of_left_perturbation():
+    problem = make_problem(3, seed=1)
+    pose = problem.pose_true
+
+    def perturbed(delta, b):
+        rotation = g.rodrigues(delta[:3]) @ g.rodrigues(pose[b, :3])
+        moved = torch.cat([g.rotation_to_rotvec(rotation), pose[b, 3:] + delta[3:]])
+        return g.project(problem.points_world_mm[b : b + 1], moved[None], problem.camera)[0]
+
+    lin = linearise(problem.points_world_mm, pose, problem.camera, 1e-3)
+    jacobian = chart_jacobian(lin)
+    for b in range(3):
+        reference = torch.autograd.functional.jacobian(lambda d: perturbed(d, b), torch.zeros(6, dtype=F64))
+        torch.testing.assert_close(jacobian[b], reference, rtol=1e-8, atol=1e-8)
+
+
+def test_chart_hessian_is_the_exact_hessian():
+    # Noisy landmarks and random weights, so the second-order (residual) terms matter.
+    problem = make_problem(3, seed=2, noise_px=5.0)
+    pose = problem.pose_true
+    weights = torch.rand(3, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+
+    def half_cost(delta, b):
+        rotation = g.rodrigues(delta[:3]) @ g.rodrigues(pose[b, :3])
+        moved = torch.cat([g.rotation_to_rotvec(rotation), pose[b, 3:] + delta[3:]])
+        error = g.project(problem.points_world_mm[b : b + 1], moved[None], problem.camera) - problem.landmarks_px[b]
+        return 0.5 * (weights[b] * error.square().sum(-1)).sum()
+
+    lin = linearise(problem.points_world_mm, pose, problem.camera, 1e-3)
+    hessian = chart_hessian(lin, lin.pixels - problem.landmarks_px, weights)
+    for b in range(3):
+        reference = torch.autograd.functional.hessian(lambda d: half_cost(d, b), torch.zeros(6, dtype=F64))
+        scale = reference.abs().max()
+        torch.testing.assert_close(hessian[b] / scale, reference / scale, rtol=0, atol=1e-12)
+        # The Gauss-Newton part alone is measurably different here.
+        gauss_newton = torch.einsum("lki,lkj,l->ij", chart_jacobian(lin)[b], chart_jacobian(lin)[b], weights[b])
+        assert (gauss_newton - reference).abs().max() > 1e-6 * scale
+
+
+def test_left_jacobian_inverse_and_transpose():
+    rotvec = _poses_with_small_angles(5, seed=3)[:, :3]
+    v = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    # J_l⁻ᵀ J_lᵀ v = v and J_l J_l⁻¹ v = v.
+    torch.testing.assert_close(
+        left_jacobian_inverse_apply(rotvec, left_jacobian_transpose_apply(rotvec, v), transpose=True), v
+    )
+    columns = [left_jacobian_transpose_apply(rotvec, e.expand(5, 3)) for e in torch.eye(3, dtype=F64)]
+    jl = torch.stack(columns, dim=-2)  # row k of J_l is J_lᵀ e_k
+    torch.testing.assert_close((jl @ left_jacobian_inverse_apply(rotvec, v)[..., None])[..., 0], v)
+    # J_l δ is the rotation increment: R(r + ε δ) ≈ exp(ε [J_l δ]×) R(r).
+    eps = 1e-6
+    increment = g.rodrigues(rotvec + eps * v) @ g.rodrigues(rotvec).transpose(-1, -2)
+    omega = g.rotation_to_rotvec(increment) / eps
+    torch.testing.assert_close(omega, (jl @ v[..., None])[..., 0], rtol=1e-5, atol=1e-6)
+
+
+def test_retract_follows_the_left_perturbation_to_first_order():
+    pose = _poses_with_small_angles(4, seed=4)
+    step = 1e-6 * torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
+    moved = retract(pose, step)
+    expected = g.rodrigues(step[:, :3]) @ g.rodrigues(pose[:, :3])
+    error = (g.rodrigues(moved[:, :3]) - expected).abs().max()
+    assert error < 1e-10  # second order in |ω| = 1e-6
+
+
+def test_wrap_rotation_keeps_the_rotation():
+    axis = torch.tensor([[0.6, 0.0, 0.8]], dtype=F64)
+    pose = torch.cat([axis * 1.5 * math.pi, torch.tensor([[1.0, 2.0, 3.0]], dtype=F64)], dim=-1)
+    wrapped = wrap_rotation(pose)
+    # 1.5π about a = 0.5π about -a; translation untouched.
+    torch.testing.assert_close(wrapped[:, :3], -axis * 0.5 * math.pi)
+    torch.testing.assert_close(g.rodrigues(wrapped[:, :3]), g.rodrigues(pose[:, :3]))
+    torch.testing.assert_close(wrapped[:, 3:], pose[:, 3:])
+    small = torch.tensor([[0.1, 0.2, 0.3, 4.0, 5.0, 6.0]], dtype=F64)
+    torch.testing.assert_close(wrap_rotation(small), small)
