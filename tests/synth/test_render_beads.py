@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cohort_fixtures import centroid_errors
 from pelmark import geometry as g
 from pelmark.io.ct import CTVolume
 from pelmark.synth.render import DRRRenderer, RendererKind, RenderSettings
@@ -38,28 +39,6 @@ def _bead_ct() -> tuple[CTVolume, np.ndarray]:
     return ct, ct.ras_to_world(points_ras)
 
 
-def _centroid_errors(image: torch.Tensor, points_px: torch.Tensor) -> list[float]:
-    errors = []
-    height, width = image.shape
-    for i, (u, v) in enumerate(points_px.tolist()):
-        others = torch.cat([points_px[:i], points_px[i + 1 :]])
-        if (others - points_px[i]).norm(dim=-1).min() < 2 * WINDOW + 2:
-            continue  # overlapping beads bias each other's centroid
-        c0, r0 = round(u), round(v)
-        if not (WINDOW <= c0 < width - WINDOW and WINDOW <= r0 < height - WINDOW):
-            continue
-        win = image[r0 - WINDOW : r0 + WINDOW + 1, c0 - WINDOW : c0 + WINDOW + 1].double()
-        win = (win - win.min()).clamp_min(0.0)
-        rows, cols = torch.meshgrid(
-            torch.arange(r0 - WINDOW, r0 + WINDOW + 1, dtype=torch.float64),
-            torch.arange(c0 - WINDOW, c0 + WINDOW + 1, dtype=torch.float64),
-            indexing="ij",
-        )
-        total = win.sum()
-        errors.append(float(np.hypot((win * cols).sum() / total - u, (win * rows).sum() / total - v)))
-    return errors
-
-
 @pytest.mark.parametrize("renderer", [RendererKind.SIDDON, RendererKind.TRILINEAR])
 def test_beads_render_on_their_projections(renderer):
     ct, points_world = _bead_ct()
@@ -70,7 +49,7 @@ def test_beads_render_on_their_projections(renderer):
     images = DRRRenderer(ct, camera, RenderSettings(renderer=renderer, n_points=400)).render(poses)
     projected = g.project(torch.from_numpy(points_world)[None].expand(len(poses), -1, -1), poses, camera)
 
-    errors = [e for b in range(len(poses)) for e in _centroid_errors(images[b], projected[b])]
+    errors = [e for b in range(len(poses)) for e in centroid_errors(images[b], projected[b], window=WINDOW)]
     assert len(errors) >= 15, "too few isolated beads on the detector to prove anything"
     assert max(errors) < 0.3, f"bead centroids off by up to {max(errors):.3f} px"
 
@@ -82,5 +61,5 @@ def test_a_half_pixel_shift_would_be_caught():
     poses = torch.from_numpy(g.sample_poses(4, 45.0, 50.0, np.random.default_rng(2)))
     images = DRRRenderer(ct, camera, RenderSettings()).render(poses)
     projected = g.project(torch.from_numpy(points_world)[None].expand(len(poses), -1, -1), poses, camera)
-    shifted = [e for b in range(len(poses)) for e in _centroid_errors(images[b], projected[b] + 0.5)]
+    shifted = [e for b in range(len(poses)) for e in centroid_errors(images[b], projected[b] + 0.5, window=WINDOW)]
     assert np.median(shifted) > 0.5

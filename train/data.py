@@ -1,0 +1,327 @@
+"""Training samples read from a synth store: image, landmarks and heatmap targets at model resolution.
+
+Geometry
+    Every image is cropped (under augmentation) and resized to a square
+    ``size`` x ``size`` model input, and its camera follows through
+    :meth:`Camera.cropped` and :meth:`Camera.resized`; landmarks move with
+    :meth:`Camera.pixels_to`. So ``geometry.project(landmarks_3d, pose,
+    model_camera)`` is the returned ``landmarks_px``, augmented or not.
+    Resizing is ``interpolate(mode="area")`` for an integer down-sampling
+    factor and antialiased bilinear (``align_corners=False``) otherwise; both
+    map pixel edges onto pixel edges, which is the convention of
+    :meth:`Camera.resized`.
+Normalisation
+    Each model input is min-max scaled to [0, 1] over its own pixels (a
+    constant image becomes all zeros). Line integrals are non-negative with a
+    scale that depends on the subject and the pose; [0, 1] is the domain where
+    a gamma augmentation is defined and keeps air at 0 under any gamma.
+Randomness
+    Augmentation draws from a ``numpy.random.Generator`` seeded by
+    ``(seed, "train-data", epoch, row)``, so a sample depends on neither the
+    number of DataLoader workers nor the order they run in.
+Store access
+    The constructor reads only the small ``split`` and ``subject_done`` arrays
+    and the attributes; ``__getitem__`` reads one image chunk. The Zarr group
+    is opened once per process (workers reopen it after a fork).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from pelmark.errors import PelmarkError
+from pelmark.geometry import Camera
+from pelmark.seeding import numpy_generator
+from pelmark.synth.poses import Split
+from pelmark.synth.store import open_store
+
+# Order of the values in a sample's ``intrinsics`` tensor.
+INTRINSICS_FIELDS = ("fx", "fy", "cx_px", "cy_px", "sdd_mm", "sid_mm", "height", "width")
+
+
+class TargetKind(str, enum.Enum):
+    """Per-landmark training target."""
+
+    DISK = "disk"  # 1 inside a disk, antialiased edge: the paper's segmentation-style masks
+    GAUSSIAN = "gaussian"  # exp(-d^2 / 2 sigma^2), peak 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """How store images become model inputs and targets.
+
+    Attributes:
+        size: side of the square model input, in pixels.
+        target: disk masks or Gaussian heatmaps.
+        disk_radius_px: disk radius at model resolution.
+        gaussian_sigma_px: Gaussian sigma at model resolution.
+        splits: store splits to read.
+        augment: random crop and intensity changes (training only).
+        crop_scale: range of the crop side as a fraction of the image side.
+        max_shift_frac: largest offset of the crop centre from the image
+            centre, as a fraction of the image side (clipped so the crop stays
+            inside the image).
+        gamma_range: range of the gamma applied to the [0, 1] image.
+        contrast_range: range of the contrast factor about the image mean.
+        noise_std: standard deviation of additive Gaussian noise (0 = none).
+        seed: root seed of the augmentation.
+    """
+
+    size: int = 512
+    target: TargetKind = TargetKind.DISK
+    disk_radius_px: float = 6.0
+    gaussian_sigma_px: float = 3.0
+    splits: tuple[Split, ...] = (Split.TRAIN,)
+    augment: bool = False
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    max_shift_frac: float = 0.1
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    contrast_range: tuple[float, float] = (0.8, 1.2)
+    noise_std: float = 0.02
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise PelmarkError(f"data size must be positive, got {self.size}")
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise PelmarkError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.gamma_range[0] <= 0.0 or self.gamma_range[0] > self.gamma_range[1]:
+            raise PelmarkError(f"gamma_range must be positive and ordered, got {self.gamma_range}")
+        if self.contrast_range[0] > self.contrast_range[1]:
+            raise PelmarkError(f"contrast_range must be ordered, got {self.contrast_range}")
+        if self.disk_radius_px <= 0.0 or self.gaussian_sigma_px <= 0.0 or self.noise_std < 0.0:
+            raise PelmarkError("disk_radius_px and gaussian_sigma_px must be positive, noise_std non-negative")
+        if not self.splits:
+            raise PelmarkError("no splits were asked for")
+
+
+def intrinsics_tensor(camera: Camera) -> Tensor:
+    """The camera as float64 values in the order of :data:`INTRINSICS_FIELDS`."""
+    return torch.tensor(
+        [camera.fx, camera.fy, camera.cx_px, camera.cy_px, camera.sdd_mm, camera.sid_mm, camera.height, camera.width],
+        dtype=torch.float64,
+    )
+
+
+def camera_from_intrinsics(values: Tensor) -> Camera:
+    """Inverse of :func:`intrinsics_tensor` for one camera (8 values)."""
+    fx, fy, cx, cy, sdd, sid, height, width = (float(v) for v in values.tolist())
+    return Camera(
+        height=round(height),
+        width=round(width),
+        sdd_mm=sdd,
+        sid_mm=sid,
+        spacing_x_mm=sdd / fx,
+        spacing_y_mm=sdd / fy,
+        cx_px=cx,
+        cy_px=cy,
+    )
+
+
+def resize_image(image: Tensor, height: int, width: int) -> Tensor:
+    """Resample an (H, W) image to (height, width), pixel edges onto pixel edges (see :meth:`Camera.resized`)."""
+    src_h, src_w = image.shape
+    batch = image[None, None]
+    if src_h % height == 0 and src_w % width == 0:
+        out = F.interpolate(batch, size=(height, width), mode="area")
+    else:
+        out = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return out[0, 0]
+
+
+def normalise_image(image: Tensor) -> Tensor:
+    """Min-max scale to [0, 1]; a constant image becomes zeros."""
+    low, high = image.min(), image.max()
+    span = high - low
+    if span <= 0:
+        return torch.zeros_like(image)
+    return (image - low) / span
+
+
+def heatmap_targets(
+    landmarks_px: Tensor, visible: Tensor, height: int, width: int, settings: DataSettings
+) -> Tensor:
+    """(L, height, width) float32 targets; invisible landmarks get all zeros.
+
+    A disk is 1 where a pixel centre lies more than half a pixel inside the
+    circle, 0 more than half a pixel outside, and linear in between (about the
+    pixel's area coverage), so its mass is close to pi r^2 and its centroid
+    follows sub-pixel landmark positions.
+    """
+    rows = torch.arange(height, dtype=torch.float64)[:, None]
+    cols = torch.arange(width, dtype=torch.float64)[None, :]
+    points = landmarks_px.to(torch.float64)
+    dx = cols[None] - points[:, 0, None, None]
+    dy = rows[None] - points[:, 1, None, None]
+    dist2 = dx.square() + dy.square()
+    if settings.target is TargetKind.DISK:
+        maps = (settings.disk_radius_px + 0.5 - dist2.sqrt()).clamp(0.0, 1.0)
+    else:
+        maps = torch.exp(-dist2 / (2.0 * settings.gaussian_sigma_px**2))
+    maps = maps * visible.to(maps.dtype)[:, None, None]
+    return maps.to(torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropParams:
+    """A crop of the store image, in store pixels; the whole image when not augmenting."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class IntensityParams:
+    gamma: float
+    contrast: float
+    noise_seed: int
+
+
+class StoreDataset(Dataset):
+    """Samples of the rows of a synth store whose split is in ``settings.splits``.
+
+    Only rows of finished subjects (``subject_done``) are used.
+
+    Args:
+        store_path: the Zarr store written by ``pelmark synth``.
+        settings: model size, targets, splits and augmentation.
+        indices: optional store rows to restrict to (each must be one of the
+            rows above), e.g. a hold-out of subjects.
+
+    A sample is a dict:
+        image: (1, S, S) float32 in [0, 1] (before noise).
+        landmarks_px: (L, 2) float32, x = column, y = row at model resolution.
+        visible: (L,) bool, visible in the store and inside the model image.
+        heatmap_target: (L, S, S) float32.
+        pose: (6,) float64 θ.
+        landmarks_3d: (L, 3) float32 world mm.
+        intrinsics: (8,) float64 model camera, order :data:`INTRINSICS_FIELDS`
+            (:func:`camera_from_intrinsics` inverts it).
+        index: the store row.
+    """
+
+    def __init__(self, store_path: str | Path, settings: DataSettings, indices: list[int] | np.ndarray | None = None):
+        self.store_path = Path(store_path)
+        self.settings = settings
+        self.epoch = 0
+        self._group = None
+        self._group_pid: int | None = None
+        group = self._store()
+        attrs = dict(group.attrs)
+        self.camera = Camera.from_dict(attrs["intrinsics"])
+        self.landmark_names = tuple(attrs.get("landmark_names", ()))
+        split = np.asarray(group["split"][:])
+        done = np.asarray(group["subject_done"][:], dtype=bool)
+        # Subject s owns rows [s*views, (s+1)*views): unfinished rows still hold fill values
+        # (split 0, subject 0), so their owner comes from the layout, not the `subject` array.
+        views = len(split) // max(len(done), 1)
+        owner_done = np.repeat(done, views) if views else np.zeros(0, dtype=bool)
+        wanted = np.isin(split, [int(s) for s in settings.splits]) & owner_done
+        rows = np.flatnonzero(wanted)
+        labels = "/".join(Split(s).label for s in settings.splits)
+        if len(rows) == 0:
+            raise PelmarkError(f"store has no {labels} images (from finished subjects)", self.store_path)
+        if indices is not None:
+            requested = np.asarray(indices, dtype=np.int64).reshape(-1)
+            bad = requested[~np.isin(requested, rows)]
+            if len(bad):
+                raise PelmarkError(f"rows {bad[:5].tolist()} are not {labels} rows of finished subjects", self.store_path)
+            rows = requested
+        self.rows = rows
+
+    # ------------------------------------------------------------ store handle
+
+    def _store(self):
+        """The Zarr group, opened once per process (a handle is not shared across a fork)."""
+        pid = os.getpid()
+        if self._group is None or self._group_pid != pid:
+            self._group = open_store(self.store_path)
+            self._group_pid = pid
+        return self._group
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_group"] = None
+        state["_group_pid"] = None
+        return state
+
+    # ------------------------------------------------------------ sampling
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmentation draw; call before iterating a DataLoader (not with persistent workers)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample_params(self, row: int) -> tuple[CropParams, IntensityParams | None]:
+        """The crop and intensity changes of store ``row`` in the current epoch (no image needed)."""
+        height, width = self.camera.height, self.camera.width
+        s = self.settings
+        if not s.augment:
+            return CropParams(0, 0, height, width), None
+        rng = numpy_generator(s.seed, "train-data", self.epoch, int(row))
+        scale = rng.uniform(*s.crop_scale)
+        shift = rng.uniform(-s.max_shift_frac, s.max_shift_frac, size=2)
+        gamma = rng.uniform(*s.gamma_range)
+        contrast = rng.uniform(*s.contrast_range)
+        noise_seed = int(rng.integers(0, 2**63 - 1))
+        crop_h = min(height, max(1, round(scale * height)))
+        crop_w = min(width, max(1, round(scale * width)))
+        top = round((height - crop_h) / 2 + shift[0] * height)
+        left = round((width - crop_w) / 2 + shift[1] * width)
+        top = int(np.clip(top, 0, height - crop_h))
+        left = int(np.clip(left, 0, width - crop_w))
+        return CropParams(top, left, crop_h, crop_w), IntensityParams(gamma, contrast, noise_seed)
+
+    def model_camera(self, crop: CropParams) -> Camera:
+        size = self.settings.size
+        return self.camera.cropped(crop.top, crop.left, crop.height, crop.width).resized(size, size)
+
+    def _apply_intensity(self, image: Tensor, params: IntensityParams) -> Tensor:
+        image = image.clamp(0.0, 1.0).pow(params.gamma)
+        mean = image.mean()
+        image = (image - mean) * params.contrast + mean
+        if self.settings.noise_std > 0:
+            noise = np.random.default_rng(params.noise_seed).standard_normal(image.shape, dtype=np.float32)
+            image = image + self.settings.noise_std * torch.from_numpy(noise)
+        return image
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = int(self.rows[i])
+        group = self._store()
+        crop, intensity = self.sample_params(row)
+        size = self.settings.size
+
+        image = torch.from_numpy(np.asarray(group["images"][row], dtype=np.float32))
+        image = image[crop.top : crop.top + crop.height, crop.left : crop.left + crop.width]
+        image = normalise_image(resize_image(image, size, size))
+        if intensity is not None:
+            image = self._apply_intensity(image, intensity)
+
+        camera = self.model_camera(crop)
+        store_px = torch.from_numpy(np.asarray(group["landmarks_2d"][row], dtype=np.float64))
+        landmarks_px = self.camera.pixels_to(camera, store_px)
+        visible = torch.from_numpy(np.asarray(group["visible"][row], dtype=bool)) & camera.contains(landmarks_px)
+        return {
+            "image": image[None].to(torch.float32).contiguous(),
+            "landmarks_px": landmarks_px.to(torch.float32),
+            "visible": visible,
+            "heatmap_target": heatmap_targets(landmarks_px, visible, size, size, self.settings),
+            "pose": torch.from_numpy(np.asarray(group["pose"][row], dtype=np.float64)),
+            "landmarks_3d": torch.from_numpy(np.asarray(group["landmarks_3d"][row], dtype=np.float32)),
+            "intrinsics": intrinsics_tensor(camera),
+            "index": row,
+        }
