@@ -262,11 +262,11 @@ def write_manifest(
 
 
 def _relative_to(path: Path, base: Path) -> str:
-    path = Path(path)
-    if not path.is_absolute():
-        return path.as_posix()
+    # A relative subject path means relative to the working directory, as for any Python path
+    # (Subject paths are absolute once loaded); writing it unchanged would re-root it at the manifest.
+    path = Path(os.path.abspath(path))
     try:
-        return Path(os.path.abspath(path)).relative_to(base).as_posix()
+        return path.relative_to(base).as_posix()
     except ValueError:
         return str(path)
 

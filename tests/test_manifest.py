@@ -164,3 +164,16 @@ def test_sha256_changes_with_the_file(dataset: Path) -> None:
     assert load_manifest(path).sha256 == first
     path.write_text(path.read_text() + "# a comment changes the digest\n")
     assert load_manifest(path).sha256 != first
+
+
+def test_write_manifest_with_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    # `pelmark phantom outputs/phantom` passes paths like outputs/phantom/ct/s000.nii.gz.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "ct").mkdir(parents=True)
+    (tmp_path / "out" / "ct" / "a.nii.gz").write_bytes(b"x")
+    (tmp_path / "out" / "a.mrk.json").write_text("{}")
+    subject = Subject(id="a", ct=Path("out/ct/a.nii.gz"), landmarks=Path("out/a.mrk.json"), role=Role.TRAIN)
+    write_manifest(Path("out/manifest.toml"), "rel", ["X"], [subject])
+    assert 'ct = "ct/a.nii.gz"' in (tmp_path / "out" / "manifest.toml").read_text()
+    loaded = load_manifest(tmp_path / "out" / "manifest.toml")
+    assert loaded.subjects[0].ct == tmp_path / "out" / "ct" / "a.nii.gz"
