@@ -126,6 +126,9 @@ def synth_run(
     scheduler: Optional[str] = typer.Option(None, help="local (a LocalCluster when --workers > 1), sync, or tcp://HOST:PORT."),
     workers: Optional[int] = typer.Option(None, help="Worker processes of the local cluster [1]."),
     threads: Optional[int] = typer.Option(None, help="Torch threads per worker."),
+    compile_renderer: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the renderer: ~1.4x faster on CPU, needs a C++ compiler."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made from other inputs or settings."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -136,7 +139,7 @@ def synth_run(
         views=views, height=height, width=width, pixel_spacing=pixel_spacing, sdd=sdd, sid=sid,
         rotation_range=rotation_range, translation_range=translation_range, novel_views=novel_views,
         seed=seed, renderer=renderer, n_points=n_points, device=device, scheduler=scheduler,
-        workers=workers, threads=threads,
+        workers=workers, threads=threads, compile=compile_renderer,
     )
     report = run_synth(manifest, out, overrides, overwrite=overwrite, progress=progress)
     typer.echo(

@@ -41,8 +41,11 @@ class SynthSettings:
     workers: int = 1
     threads: int | None = None
     batch_size: int = 8
+    compile: bool = False
 
-    RUNTIME_FIELDS = ("device", "scheduler", "workers", "threads", "batch_size")
+    RUNTIME_FIELDS = ("device", "scheduler", "workers", "threads", "batch_size", "compile")
+    # Render settings that change speed or memory but not the images.
+    RUNTIME_RENDER_FIELDS = ("chunk_samples", "compile")
 
     def __post_init__(self):
         problems = []
@@ -71,7 +74,7 @@ class SynthSettings:
 
     @property
     def render(self) -> RenderSettings:
-        base = RenderSettings(renderer=RendererKind(self.renderer))
+        base = RenderSettings(renderer=RendererKind(self.renderer), compile=self.compile)
         if self.n_points is not None:
             base = dataclasses.replace(base, n_points=self.n_points)
         return base
@@ -83,7 +86,11 @@ class SynthSettings:
             values.pop(name)
         values["renderer"] = RendererKind(self.renderer).value
         values["width"] = self.width if self.width is not None else self.height
-        values["render"] = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(self.render).items()}
+        values["render"] = {
+            k: (v.value if hasattr(v, "value") else v)
+            for k, v in dataclasses.asdict(self.render).items()
+            if k not in self.RUNTIME_RENDER_FIELDS
+        }
         return values
 
 
