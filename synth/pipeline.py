@@ -63,7 +63,7 @@ def resolve_device(device: str) -> str:
 # ---------------------------------------------------------------- one subject
 
 
-def subject_geometry(job: SubjectJob, settings: SynthSettings, ct, landmarks_world: np.ndarray) -> dict[str, np.ndarray]:
+def subject_geometry(job: SubjectJob, settings: SynthSettings, landmarks_world: np.ndarray) -> dict[str, np.ndarray]:
     """Poses, splits and ground-truth 2D landmarks of one subject (no rendering)."""
     import torch
 
@@ -101,7 +101,7 @@ def render_subject(
     layout = layout_of(group)
     ct = load_ct(job.subject.ct)
     landmarks_world = ct.ras_to_world(load_landmarks(job.subject.landmarks, job.landmark_names))
-    data = subject_geometry(job, settings, ct, landmarks_world)
+    data = subject_geometry(job, settings, landmarks_world)
 
     renderer = DRRRenderer(ct, settings.camera, settings.render, device=resolve_device(settings.device))
     rows = layout.rows(job.index)
@@ -190,14 +190,15 @@ def _check_compatible(group, expected: dict[str, Any], path: Path) -> None:
     found = dict(group.attrs)
     if found.get("fingerprint") == expected["fingerprint"]:
         return
-    differs = [k for k in ("manifest_sha256", "settings", "landmark_names") if found.get(k) != expected.get(k)]
-    if found.get("settings") != expected.get("settings"):
-        theirs, ours = found.get("settings", {}), expected["settings"]
-        differs = [f"setting '{k}' ({theirs.get(k)!r} there, {ours.get(k)!r} now)" for k in ours if theirs.get(k) != ours.get(k)]
+    differs = []
     if found.get("manifest_sha256") != expected["manifest_sha256"]:
-        differs.insert(0, "the manifest")
+        differs.append("the manifest")
+    theirs, ours = found.get("settings", {}), expected["settings"]
+    differs += [f"setting '{k}' ({theirs.get(k)!r} there, {ours.get(k)!r} now)" for k in ours if theirs.get(k) != ours.get(k)]
+    if found.get("landmark_names") != expected["landmark_names"]:
+        differs.append("the landmark names")
     if not differs:
-        differs = ["the CT files"]
+        differs.append("the CT files")
     raise PelmarkError(
         f"store was made from other inputs ({'; '.join(differs)}); use --overwrite to replace it or pick another --out",
         path,
@@ -282,7 +283,7 @@ def _run_jobs(store_path: str, jobs: list[SubjectJob], settings: SynthSettings, 
         return
     bar = tqdm(total=len(jobs) * settings.views, desc="rendering", unit="DRR", disable=not progress)
     try:
-        if settings.scheduler == "local" and settings.workers == 1 or settings.scheduler == "sync":
+        if settings.scheduler == "sync" or (settings.scheduler == "local" and settings.workers == 1):
             for job in jobs:
                 render_subject(store_path, job, settings, on_images=bar.update)
         else:

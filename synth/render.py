@@ -188,15 +188,13 @@ def make_subject(ct: CTVolume, settings: RenderSettings):
 
     mu, affine = attenuation_volume(ct, settings)
     density = ScalarImage(tensor=mu[None], affine=affine)
-    reorient = torch.eye(4)
-    reorient[:3, :3] = geometry._DIFFDRR_AP_REORIENT.float()
     return Subject(
         # DiffDRR reads only the affine of `volume`; the density stands in for it to save memory.
         volume=density,
         density=density,
         mask=None,
         orientation="AP",
-        reorient=reorient,
+        reorient=geometry.diffdrr_reorient(),
         fiducials=None,
     )
 

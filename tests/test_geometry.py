@@ -101,11 +101,9 @@ def test_diffdrr_round_trip_and_projection_agree():
 
     # DiffDRR's own perspective projection puts pixel centres at c + 0.5.
     kwargs = g.diffdrr_detector_kwargs(cam)
-    reorient = torch.eye(4)
-    reorient[:3, :3] = g._DIFFDRR_AP_REORIENT.float()
     detector = Detector(
         kwargs["sdd"], kwargs["height"], kwargs["width"], kwargs["delx"], kwargs["dely"],
-        kwargs["x0"], kwargs["y0"], reorient, reverse_x_axis=True,
+        kwargs["x0"], kwargs["y0"], g.diffdrr_reorient(), reverse_x_axis=True,
     )
     pts = _random_points(10, 2).expand(8, -1, -1)
     ours = g.project(pts, poses, cam)
