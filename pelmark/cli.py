@@ -164,16 +164,132 @@ def synth_preview(
 
 @app.command()
 @reports_errors
-def train() -> None:
-    """Train a landmark heatmap model from a synth store."""
-    _not_yet("train")
+def train(
+    strategy: str = typer.Argument(..., help="baseline, composite, pel-only or finetune."),
+    store: Path = typer.Argument(..., help="The Zarr store written by pelmark synth."),
+    out: Path = typer.Option(..., "--out", help="The run folder (checkpoints, metrics, run.json)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="TOML file with a [train] table (a manifest works); [train.<strategy>] overrides it."
+    ),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training images [28; finetune 1]."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step, over all processes [8]."),
+    micro_batches: Optional[int] = typer.Option(None, help="Split each step into this many accumulated pieces [1]."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate [1e-4]."),
+    size: Optional[int] = typer.Option(None, help="Side of the square model input [512]."),
+    encoder: Optional[str] = typer.Option(None, help="smp encoder [resnet34]."),
+    encoder_depth: Optional[int] = typer.Option(None, help="Encoder stages, 3-5 [5]."),
+    encoder_weights: Optional[Path] = typer.Option(None, help="Local file with encoder weights (nothing is downloaded)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this run folder or checkpoint (finetune needs it)."),
+    pos_weight: Optional[float] = typer.Option(None, help="BCE weight of mask pixels [1 = the paper's plain BCE]."),
+    pel_weight: Optional[float] = typer.Option(None, help="λ of the composite loss [1]."),
+    pose_loss: Optional[str] = typer.Option(None, help="PEL's pose loss: paper (eq. 10), geodesic or mtre [paper]."),
+    solver: Optional[str] = typer.Option(None, help="Registration inside PEL: lm, adam or lbfgs [lm]."),
+    temperature: Optional[float] = typer.Option(None, help="Soft-argmax temperature on the logits [1]."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random crop, scale, gamma, contrast, noise."),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of the train split held out for validation [0.1]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of weights, order and augmentation [42]."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [2]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N [auto]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a landmark heatmap model from a synth store with one of the paper's four strategies."""
+    from pelmark.train.config import read_train_table, resolve_config
+    from pelmark.train.loop import train as run_training
+
+    table = read_train_table(config) if config is not None else {}
+    overrides = dict(
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, micro_batches=micro_batches, lr=lr, size=size, encoder=encoder,
+        encoder_depth=encoder_depth, encoder_weights=None if encoder_weights is None else str(encoder_weights),
+        init=None if init is None else str(init), pos_weight=pos_weight, pel_weight=pel_weight, pose_loss=pose_loss, solver=solver,
+        temperature=temperature, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
+    )
+    resolved = resolve_config(strategy, table, overrides, config)
+    report = run_training(resolved, store, out, resume=resume, overwrite=overwrite, progress=progress)
+    best = "n/a" if report.best_val_rmse_px == float("inf") else f"{report.best_val_rmse_px:.2f} px"
+    if report.status.value == "DIV":
+        typer.echo(f"{out}: DIV after {report.steps} steps ({report.reason}); recorded in run.json")
+    else:
+        typer.echo(f"{out}: {report.status.value} after {report.steps} steps; best validation RMSE {best}")
 
 
 @app.command("eval")
 @reports_errors
-def eval_() -> None:
-    """Evaluate trained runs on a store: Table-1 CSVs and figures."""
-    _not_yet("eval")
+def eval_(
+    runs: list[Path] = typer.Argument(
+        ..., metavar="RUN_DIR", help="Run folders written by pelmark train; table rows follow this order."
+    ),
+    store: Path = typer.Option(..., "--store", help="The Zarr store to evaluate on."),
+    out: Path = typer.Option(..., "--out", help="Results folder (tables, per-image CSVs, figures, summary.json)."),
+    split: Optional[list[str]] = typer.Option(
+        None, "--split", help="Split to evaluate, repeatable: novel_view, novel_subject or train [the novel splits present]."
+    ),
+    samples: int = typer.Option(4, "--samples", min=0, help="Images per split in the sample figures."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best (falls back to last) or last."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that already holds files."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Evaluate trained runs on a store: Table 1 (RMSE per landmark) in px and mm, pose errors, figures."""
+    from pelmark.evaluate.runner import EvalSettings, evaluate_runs, parse_splits
+    from pelmark.evaluate.tables import format_table
+
+    settings = EvalSettings(
+        splits=parse_splits(split), samples=samples, batch_size=batch_size, workers=workers, device=device,
+        checkpoint=checkpoint, overwrite=overwrite, progress=progress,
+    )
+    report = evaluate_runs(runs, store, out, settings)
+    typer.echo(format_table(report.table1, len(report.landmark_names)))
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    names = ", ".join(f"L{i + 1}={name}" for i, name in enumerate(report.landmark_names))
+    typer.echo(f"RMSE in model px; {names}\nwrote {len(report.files)} files to {report.out}")
+
+
+@app.command("import-deepfluoro")
+@reports_errors
+def import_deepfluoro_cmd(
+    h5_file: Path = typer.Argument(..., help="DeepFluoro's full-resolution HDF5 file (ipcai_2020_full_res_data.h5)."),
+    out: Path = typer.Option(..., "--out", help="Folder to create: CTs, landmarks, manifest.toml, xrays.zarr."),
+    landmarks: str = typer.Option("paper", "--landmarks", help="paper (the 8 of the paper) or deepfluoro14."),
+    holdout: Optional[str] = typer.Option(
+        None, "--holdout", help="Specimen held out as novel_subject (leave-one-specimen-out), e.g. 17-1882."
+    ),
+    size: int = typer.Option(768, "--size", help="Side of the square store images (768 halves the 1536² detector)."),
+    tolerance_px: float = typer.Option(
+        0.5, "--tolerance-px", help="Largest conversion error allowed (file pixels) before the import fails."
+    ),
+    pixels: str = typer.Option("intensity", "--pixels", help="intensity (DeepFluoro's raw X-rays) or line-integral."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier import in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Import DeepFluoro: CTs and landmarks as a manifest, real X-rays as a store in the synth schema."""
+    from pelmark.deepfluoro.convert import LandmarkSet
+    from pelmark.deepfluoro.importer import ImportSettings, PixelKind, import_deepfluoro
+
+    try:
+        landmark_set = LandmarkSet(landmarks)
+    except ValueError:
+        raise PelmarkError(f"unknown --landmarks '{landmarks}' (paper or deepfluoro14)") from None
+    try:
+        pixel_kind = PixelKind(pixels)
+    except ValueError:
+        raise PelmarkError(f"unknown --pixels '{pixels}' (intensity or line-integral)") from None
+    settings = ImportSettings(
+        landmarks=landmark_set,
+        holdout=holdout,
+        size=size,
+        tolerance_px=tolerance_px,
+        pixels=pixel_kind,
+        overwrite=overwrite,
+    )
+    summary = import_deepfluoro(h5_file, out, settings, progress=progress)
+    for line in summary.lines():
+        typer.echo(line)
 
 
 def main() -> None:

@@ -1,0 +1,156 @@
+"""Pose metrics: register predicted landmarks to the CT's 3D landmarks and compare with the true pose.
+
+The predicted landmarks (model px) are mapped to the store's detector pixels
+and registered with :func:`pelmark.registration.register` (``lm``, "plain")
+and :func:`pelmark.registration.register_robust` (RANSAC, then lm on the
+inliers: "robust"). Only landmarks visible in the ground truth take part
+(weight 1; the others weight 0), as for the landmark errors.
+
+Per image:
+    rotation error
+        geodesic angle between the estimated and true rotations, degrees.
+    translation error
+        distance between the estimated and true translations, mm.
+    mTRE
+        mean over all the CT's landmarks of ``|T_est p - T_true p|`` in mm,
+        with ``T`` the patient motion of :func:`pelmark.geometry.transform_points`.
+    success
+        mTRE below a threshold of :data:`SUCCESS_THRESHOLDS_MM` and a
+        registration that is not degenerate (fewer than the minimum of visible
+        landmarks, collinear points, points behind the source, ...).
+
+Summaries give mean and median errors over the images whose registration is
+not degenerate (a degenerate one keeps its start pose, which says nothing
+about the landmarks), the number of degenerate images, and success rates over
+all images (a degenerate registration is a failure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from pelmark.evaluate.units import model_to_detector_px
+from pelmark.evaluate.predict import Predictions
+from pelmark.geometry import Camera, transform_points
+
+# mTRE thresholds (mm) of the success rates. 10 mm is the usual bar for a
+# usable 2D/3D initialisation of intensity-based registration; 5 mm a tight one.
+SUCCESS_THRESHOLDS_MM: tuple[float, ...] = (5.0, 10.0)
+
+# Images registered per batched solve (bounds memory: robust solves every subset of every image at once).
+CHUNK_IMAGES = 256
+
+
+class Registration(str, enum.Enum):
+    """How predicted landmarks become a pose."""
+
+    PLAIN = "lm"  # Levenberg-Marquardt on all visible landmarks
+    ROBUST = "robust"  # RANSAC over landmark subsets, then lm on the inliers
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PoseErrors:
+    """Per-image pose errors of one predictor on one split with one registration.
+
+    Attributes:
+        registration: plain or robust.
+        rotation_deg, translation_mm, mtre_mm: (N,) errors.
+        degenerate: (N,) the registration could not be trusted.
+    """
+
+    registration: Registration
+    rotation_deg: np.ndarray
+    translation_mm: np.ndarray
+    mtre_mm: np.ndarray
+    degenerate: np.ndarray
+
+    def success(self, threshold_mm: float) -> np.ndarray:
+        """(N,) mTRE below ``threshold_mm`` and not degenerate."""
+        return ~self.degenerate & (self.mtre_mm < threshold_mm)
+
+    def summary(self, thresholds_mm: tuple[float, ...] = SUCCESS_THRESHOLDS_MM) -> dict[str, Any]:
+        """Means and medians over non-degenerate images, success rates (fractions) over all images."""
+        kept = ~self.degenerate
+        values: dict[str, Any] = {"images": int(len(kept)), "degenerate": int((~kept).sum())}
+        for name in ("rotation_deg", "translation_mm", "mtre_mm"):
+            data = getattr(self, name)[kept]
+            values[f"{name}_mean"] = float(data.mean()) if len(data) else math.nan
+            values[f"{name}_median"] = float(np.median(data)) if len(data) else math.nan
+        for threshold in thresholds_mm:
+            values[success_key(threshold)] = float(self.success(threshold).mean()) if len(kept) else math.nan
+        return values
+
+
+def success_key(threshold_mm: float) -> str:
+    """Column name of a success rate, e.g. ``success_5mm``."""
+    return f"success_{threshold_mm:g}mm"
+
+
+def mean_target_registration_error(pose_est: torch.Tensor, pose_true: torch.Tensor, points_world_mm: torch.Tensor) -> torch.Tensor:
+    """(N,) mean over the points of ``|T_est p - T_true p|`` (mm).
+
+    Args:
+        pose_est, pose_true: (N, 6) poses θ.
+        points_world_mm: (N, L, 3) world points.
+    """
+    moved_est = transform_points(pose_est, points_world_mm)
+    moved_true = transform_points(pose_true, points_world_mm)
+    return (moved_est - moved_true).norm(dim=-1).mean(-1)
+
+
+def register_detector_points(
+    landmarks_detector_px: np.ndarray,
+    weights: np.ndarray,
+    points_world_mm: np.ndarray,
+    poses_true: np.ndarray,
+    camera: Camera,
+    registration: Registration,
+) -> PoseErrors:
+    """Register (N, L, 2) detector-px landmarks and compare with the true poses.
+
+    Args:
+        landmarks_detector_px: (N, L, 2) landmarks in the store's detector px.
+        weights: (N, L) 1 for a landmark to use, 0 otherwise (its point may be NaN).
+        points_world_mm: (N, L, 3) the CT's landmarks.
+        poses_true: (N, 6) true poses θ.
+        camera: the store's detector.
+        registration: plain or robust.
+    """
+    from pelmark.registration import pose_errors, register, register_robust
+
+    landmarks = torch.from_numpy(np.asarray(landmarks_detector_px, dtype=np.float64))
+    weights_t = torch.from_numpy(np.asarray(weights, dtype=np.float64))
+    landmarks = torch.where(weights_t[..., None] > 0, landmarks, torch.zeros_like(landmarks))
+    points = torch.from_numpy(np.asarray(points_world_mm, dtype=np.float64))
+    truth = torch.from_numpy(np.asarray(poses_true, dtype=np.float64))
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with torch.no_grad():
+        for start in range(0, len(landmarks), CHUNK_IMAGES):
+            chunk = slice(start, start + CHUNK_IMAGES)
+            if registration is Registration.PLAIN:
+                result = register(landmarks[chunk], weights_t[chunk], points[chunk], camera, solver="lm")
+            else:
+                result = register_robust(landmarks[chunk], weights_t[chunk], points[chunk], camera).result
+            pose = result.pose.to(torch.float64)
+            rotation, translation = pose_errors(pose, truth[chunk])
+            mtre = mean_target_registration_error(pose, truth[chunk], points[chunk])
+            parts.append((rotation, translation, mtre, result.degenerate))
+    if not parts:
+        empty = np.zeros(0)
+        return PoseErrors(registration, empty, empty, empty, np.zeros(0, dtype=bool))
+    rotation, translation, mtre, degenerate = (torch.cat(values).numpy() for values in zip(*parts))
+    return PoseErrors(registration, rotation, translation, mtre, degenerate.astype(bool))
+
+
+def pose_metrics(predictions: Predictions, registration: Registration) -> PoseErrors:
+    """Register a predictor's landmarks on one split (see the module docstring)."""
+    truth = predictions.truth
+    detector_px = model_to_detector_px(predictions.predicted_px, truth.model_camera, truth.store_camera)
+    weights = (truth.visible & np.isfinite(detector_px).all(-1)).astype(np.float64)
+    return register_detector_points(detector_px, weights, truth.landmarks_3d, truth.poses, truth.store_camera, registration)

@@ -1,0 +1,181 @@
+"""Ground truth of a store split, and a trained model's argmax predictions on it.
+
+Everything here lives at model resolution: a run of size S sees each
+store image resized to S x S (no crop, no augmentation), through the camera
+``store_camera.resized(S, S)``, exactly as in training. Predictions are the
+argmax of each landmark's heatmap, as the paper evaluates; the logits are
+computed in float32 (no autocast) so that nearly equal pixels are not tied
+by a coarse dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pelmark.errors import PelmarkError
+from pelmark.evaluate.units import Unit, point_errors
+from pelmark.geometry import Camera
+from pelmark.synth.poses import Split
+from pelmark.synth.store import open_store
+from pelmark.train.checkpoint import TrainedRun
+from pelmark.train.data import DataSettings, StoreDataset
+from pelmark.train.model import hard_argmax
+
+
+def split_rows(group, split: Split) -> np.ndarray:
+    """Store rows of ``split`` that belong to finished subjects (unfinished rows hold fill values)."""
+    codes = np.asarray(group["split"][:])
+    done = np.asarray(group["subject_done"][:], dtype=bool)
+    views = len(codes) // max(len(done), 1)
+    owner_done = np.repeat(done, views) if views else np.zeros(len(codes), dtype=bool)
+    return np.flatnonzero((codes == int(split)) & owner_done)
+
+
+def store_camera(group) -> Camera:
+    return Camera.from_dict(dict(group.attrs)["intrinsics"])
+
+
+def model_camera(camera: Camera, size: int) -> Camera:
+    """The camera of a whole store image resized to the square model input."""
+    return camera.resized(size, size)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitTruth:
+    """The true landmarks of one split at one model size.
+
+    Attributes:
+        split: which split.
+        rows: (N,) store rows, ascending.
+        subject_ids: (N,) subject id of each row.
+        true_px: (N, L, 2) true landmarks in model px (x = column, y = row).
+        visible: (N, L) visible in the store and inside the model image.
+        poses: (N, 6) θ of each image.
+        landmarks_3d: (N, L, 3) world mm.
+        model_camera: camera of the model input.
+        store_camera: the store's detector.
+    """
+
+    split: Split
+    rows: np.ndarray
+    subject_ids: np.ndarray
+    true_px: np.ndarray
+    visible: np.ndarray
+    poses: np.ndarray
+    landmarks_3d: np.ndarray
+    model_camera: Camera
+    store_camera: Camera
+
+    @property
+    def size(self) -> int:
+        return self.model_camera.width
+
+    @property
+    def n_images(self) -> int:
+        return len(self.rows)
+
+
+def read_truth(store_path: Path, split: Split, size: int) -> SplitTruth:
+    """Read the landmarks and poses of ``split`` (no images) and map them to model size ``size``.
+
+    Raises:
+        PelmarkError: the store has no finished images in ``split``.
+    """
+    group = open_store(Path(store_path))
+    rows = split_rows(group, split)
+    if len(rows) == 0:
+        raise PelmarkError(f"store has no {split.label} images (from finished subjects)", store_path)
+    camera = store_camera(group)
+    model = model_camera(camera, size)
+    store_px = torch.from_numpy(np.asarray(group["landmarks_2d"][:], dtype=np.float64)[rows])
+    true_px = camera.pixels_to(model, store_px)
+    visible = np.asarray(group["visible"][:], dtype=bool)[rows] & model.contains(true_px).numpy()
+    ids = np.array([s["id"] for s in dict(group.attrs)["subjects"]], dtype=object)
+    return SplitTruth(
+        split=split,
+        rows=rows,
+        subject_ids=ids[np.asarray(group["subject"][:])[rows]],
+        true_px=true_px.numpy(),
+        visible=visible,
+        poses=np.asarray(group["pose"][:], dtype=np.float64)[rows],
+        landmarks_3d=np.asarray(group["landmarks_3d"][:], dtype=np.float64)[rows],
+        model_camera=model,
+        store_camera=camera,
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Predictions:
+    """One predictor's landmarks on one split.
+
+    Attributes:
+        model: the predictor's name (a run folder's name, or the reference's).
+        truth: the split's ground truth at the predictor's model size.
+        predicted_px: (N, L, 2) predicted landmarks in model px.
+    """
+
+    model: str
+    truth: SplitTruth
+    predicted_px: np.ndarray
+
+    def errors(self) -> dict[Unit, np.ndarray]:
+        """(N, L) error per unit; NaN where the landmark is not visible (left out of every metric)."""
+        errors = point_errors(self.predicted_px, self.truth.true_px, self.truth.model_camera, self.truth.store_camera)
+        return {unit: np.where(self.truth.visible, value, np.nan) for unit, value in errors.items()}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PelmarkError(f"device '{name}' asked for, but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise PelmarkError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)") from None
+
+
+@torch.no_grad()
+def predict_split(
+    run: TrainedRun,
+    store_path: Path,
+    truth: SplitTruth,
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = True,
+) -> Predictions:
+    """The argmax landmarks of ``run``'s model on the images of ``truth`` (model px).
+
+    The model runs on the device its weights are on.
+
+    Raises:
+        PelmarkError: the run has no model (diverged before any checkpoint) or
+            its output channels do not match the store's landmarks.
+    """
+    from tqdm import tqdm
+
+    if run.model is None:
+        raise PelmarkError("run has no weights to evaluate", run.run_dir)
+    if truth.size != run.config.size:
+        raise PelmarkError(f"ground truth at size {truth.size} but the run's model size is {run.config.size}", run.run_dir)
+    device = next(run.model.parameters()).device
+    dataset = StoreDataset(store_path, DataSettings(size=run.config.size, splits=(truth.split,)), indices=truth.rows)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    predicted, rows = [], []
+    for batch in tqdm(loader, desc=f"{run.name} {truth.split.label}", unit="batch", disable=not progress, dynamic_ncols=True):
+        logits = run.model(batch["image"].to(device, non_blocking=True)).float()
+        if logits.shape[1] != truth.true_px.shape[1]:
+            raise PelmarkError(
+                f"model predicts {logits.shape[1]} landmarks, the store has {truth.true_px.shape[1]}", run.run_dir
+            )
+        predicted.append(hard_argmax(logits).cpu().numpy().astype(np.float64))
+        rows.append(np.asarray(batch["index"]))
+    if not np.array_equal(np.concatenate(rows), truth.rows):
+        raise RuntimeError("predictions came back in another order than the store rows")
+    return Predictions(model=run.name, truth=truth, predicted_px=np.concatenate(predicted))

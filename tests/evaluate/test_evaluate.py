@@ -1,0 +1,436 @@
+"""pelmark.evaluate: Table-1 RMSE, units, the mean-position reference, pose metrics, outputs, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cohort_fixtures import NAMES, write_bead_cohort
+from pelmark.cli import app
+from pelmark.errors import PelmarkError
+from pelmark.evaluate.pose import (
+    SUCCESS_THRESHOLDS_MM,
+    PoseErrors,
+    Registration,
+    mean_target_registration_error,
+    pose_metrics,
+)
+from pelmark.evaluate.predict import Predictions, SplitTruth, read_truth
+from pelmark.evaluate.reference import fit_mean_position, mean_positions, predict_mean_position
+from pelmark.evaluate.runner import EvalSettings, check_out, evaluate_runs, parse_splits
+from pelmark.evaluate.tables import format_table, table_row, table_text, diverged_row
+from pelmark.evaluate.units import Unit, point_errors
+from pelmark.geometry import Camera
+from pelmark.synth.pipeline import run_synth
+from pelmark.synth.poses import Split
+from pelmark.synth.store import open_store
+from pelmark.train.config import Strategy, TrainConfig
+from pelmark.train.loop import train
+
+SIZE = 32
+CPU = dict(progress=False, device="cpu", workers=0)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """3 bead subjects (the last novel_subject) x 4 views of 48 x 48 (4 mm pixels); 1 novel view per train subject."""
+    root = tmp_path_factory.mktemp("cohort")
+    out = root / "store.zarr"
+    run_synth(write_bead_cohort(root), out, {"scheduler": "sync"}, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(store, tmp_path_factory) -> dict[str, Path]:
+    """run_a (trained, 1 step), run_b (a copy of it) and run_div (status DIV, no checkpoint)."""
+    root = tmp_path_factory.mktemp("runs")
+    config = TrainConfig(
+        strategy=Strategy.BASELINE, size=SIZE, encoder="resnet18", encoder_depth=3, batch_size=2, max_steps=1,
+        workers=0, device="cpu", checkpoint_every=0,
+    )  # fmt: skip
+    train(config, store, root / "run_a", progress=False)
+    shutil.copytree(root / "run_a", root / "run_b")
+    shutil.copytree(root / "run_a", root / "run_div")
+    shutil.rmtree(root / "run_div" / "checkpoints")
+    _edit_run_json(root / "run_div", status="DIV", reason="step 1: non-finite loss (nan)")
+    return {name: root / name for name in ("run_a", "run_b", "run_div")}
+
+
+@pytest.fixture(scope="module")
+def results(store, runs, tmp_path_factory):
+    """One evaluation of run_a, run_div, run_b (in that order) on the default splits."""
+    out = tmp_path_factory.mktemp("eval") / "results"
+    report = evaluate_runs([runs["run_a"], runs["run_div"], runs["run_b"]], store, out, EvalSettings(samples=2, **CPU))
+    return report, out
+
+
+def _edit_run_json(run_dir: Path, **changes) -> None:
+    path = run_dir / "run.json"
+    info = json.loads(path.read_text())
+    info.update(changes)
+    path.write_text(json.dumps(info))
+
+
+def _store_with_splits(store: Path, target: Path, mapping: dict[Split, Split]) -> Path:
+    """A copy of ``store`` with split codes renamed (e.g. no novel_subject, or no train images)."""
+    shutil.copytree(store, target)
+    group = open_store(target, mode="r+")
+    codes = np.asarray(group["split"][:])
+    new = codes.copy()
+    for old, replacement in mapping.items():
+        new[codes == old] = replacement
+    group["split"][:] = new
+    return target
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def _hand_truth(true_px, visible, camera: Camera, split=Split.NOVEL_VIEW) -> SplitTruth:
+    true_px = np.asarray(true_px, dtype=np.float64)
+    n, landmarks = true_px.shape[:2]
+    return SplitTruth(
+        split=split,
+        rows=np.arange(n),
+        subject_ids=np.array(["s"] * n, dtype=object),
+        true_px=true_px,
+        visible=np.asarray(visible, dtype=bool),
+        poses=np.zeros((n, 6)),
+        landmarks_3d=np.zeros((n, landmarks, 3)),
+        model_camera=camera,
+        store_camera=camera,
+    )
+
+
+# ---------------------------------------------------------------- units and metrics, by hand
+
+
+def test_point_errors_in_every_unit_by_hand():
+    # Detector 48 px wide, 4 mm pixels along x and 2 mm along y, sdd/sid = 1020/850 = 1.2; model size 32.
+    store_camera = Camera.centered(48, sdd_mm=1020.0, spacing_mm=4.0, sid_mm=850.0, spacing_y_mm=2.0)
+    model_camera = store_camera.resized(32, 32)
+    true = np.array([[10.0, 20.0], [10.0, 20.0]])
+    predicted = np.array([[11.0, 20.0], [10.0, 21.0]])  # 1 model px along x, then along y
+    errors = point_errors(predicted, true, model_camera, store_camera)
+    # 1 model px = 48/32 = 1.5 detector px; x: 1.5 * 4 mm = 6 mm, / 1.2 = 5 mm; y: 1.5 * 2 mm = 3 mm, / 1.2 = 2.5 mm.
+    np.testing.assert_allclose(errors[Unit.MODEL_PX], [1.0, 1.0])
+    np.testing.assert_allclose(errors[Unit.DETECTOR_PX], [1.5, 1.5])
+    np.testing.assert_allclose(errors[Unit.DETECTOR_MM], [6.0, 3.0])
+    np.testing.assert_allclose(errors[Unit.ISOCENTRE_MM], [5.0, 2.5])
+
+
+def test_table_row_rmse_and_mean_by_hand():
+    camera = Camera.centered(48)
+    true = [[[10.0, 10.0], [20.0, 20.0]], [[5.0, 5.0], [30.0, 30.0]]]
+    predicted = np.array([[[13.0, 14.0], [22.0, 20.0]], [[5.0, 5.0], [0.0, 0.0]]])
+    visible = [[True, True], [True, False]]  # image 1's far-off L2 is invisible: left out
+    pred = Predictions("m", _hand_truth(true, visible, camera), predicted)
+    row = table_row(pred, Unit.MODEL_PX, "COMPLETE")
+    # L1: errors 5 and 0 -> sqrt(25 / 2) = 3.5355; L2: error 2 (once) -> 2; Mean = (3.5355 + 2) / 2 = 2.7678.
+    np.testing.assert_allclose(row.rmse, [math.sqrt(12.5), 2.0])
+    assert row.mean == pytest.approx((math.sqrt(12.5) + 2.0) / 2)
+    assert row.cells(2) == ["novel_view", "m", "2.77", "3.54", "2.00"]
+    assert np.isnan(pred.errors()[Unit.MODEL_PX][1, 1])
+
+
+def test_landmark_never_visible_is_undefined_and_div_row_reads_as_the_paper():
+    camera = Camera.centered(48)
+    pred = Predictions("m", _hand_truth([[[1.0, 1.0], [2.0, 2.0]]], [[True, False]], camera), np.array([[[1.0, 4.0], [2.0, 2.0]]]))
+    row = table_row(pred, Unit.MODEL_PX, "COMPLETE")
+    assert row.cells(2) == ["novel_view", "m", "3.00", "3.00", "n/a"]  # Mean over defined landmarks only
+    text = table_text([row, diverged_row("novel_view", "x")], 2)
+    assert text.splitlines() == ["split,model,Mean,L1,L2", "novel_view,m,3.00,3.00,n/a", "novel_view,x,DIV,-,-"]
+    aligned = format_table([row, diverged_row("novel_view", "x")], 2).splitlines()
+    assert aligned[0].split() == ["split", "model", "Mean", "L1", "L2"] and aligned[2].split() == ["novel_view", "x", "DIV", "-", "-"]
+
+
+# ---------------------------------------------------------------- the mean-position reference
+
+
+def test_mean_positions_by_hand():
+    points = np.array([[[0.0, 0.0], [10.0, 10.0], [7.0, 7.0]], [[2.0, 4.0], [99.0, 99.0], [1.0, 1.0]]])
+    visible = np.array([[True, True, False], [True, False, False]])
+    means = mean_positions(points, visible)
+    np.testing.assert_allclose(means[:2], [[1.0, 2.0], [10.0, 10.0]])
+    assert np.isnan(means[2]).all()
+
+
+def test_reference_is_the_train_mean_mapped_to_model_pixels(store):
+    group = open_store(store)
+    train_rows = [r for r in range(12) if group["split"][r] == Split.TRAIN]
+    assert len(train_rows) == 6  # 2 train subjects x (4 views - 1 novel view)
+    points = np.asarray(group["landmarks_2d"][:], dtype=np.float64)
+    visible = np.asarray(group["visible"][:])
+    hand = np.array([np.mean([points[r, l] for r in train_rows if visible[r, l]], axis=0) for l in range(len(NAMES))])
+    reference = fit_mean_position(store)
+    assert reference.train_images == 6
+    np.testing.assert_allclose(reference.mean_detector_px, hand, atol=1e-9)
+    truth = read_truth(store, Split.NOVEL_SUBJECT, SIZE)
+    pred = predict_mean_position(reference, truth)
+    # Resizing 48 -> 32 maps pixel edges to pixel edges: x' = (x + 0.5) * 32 / 48 - 0.5.
+    expected = (hand + 0.5) * SIZE / 48 - 0.5
+    assert pred.predicted_px.shape == (4, len(NAMES), 2)
+    np.testing.assert_allclose(pred.predicted_px, np.broadcast_to(expected, (4, len(NAMES), 2)), atol=1e-9)
+
+
+# ---------------------------------------------------------------- pose metrics
+
+
+def test_mtre_and_pose_summary_by_hand():
+    points = torch.tensor([[[10.0, 0.0, 0.0], [0.0, 0.0, 5.0]]], dtype=torch.float64)
+    truth = torch.zeros(1, 6, dtype=torch.float64)
+    shifted = torch.tensor([[0.0, 0.0, 0.0, 3.0, 4.0, 0.0]], dtype=torch.float64)
+    turned = torch.tensor([[0.0, 0.0, math.pi / 2, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    # Every point moves by (3, 4, 0): 5 mm. A quarter turn about z moves (10,0,0) to (0,10,0) (10√2 mm), not (0,0,5).
+    assert float(mean_target_registration_error(shifted, truth, points)) == pytest.approx(5.0)
+    assert float(mean_target_registration_error(turned, truth, points)) == pytest.approx(10 * math.sqrt(2) / 2)
+    errors = PoseErrors(
+        Registration.PLAIN,
+        rotation_deg=np.array([1.0, 3.0, 90.0]),
+        translation_mm=np.array([2.0, 4.0, 500.0]),
+        mtre_mm=np.array([4.0, 8.0, 1.0]),
+        degenerate=np.array([False, False, True]),
+    )
+    summary = errors.summary((5.0, 10.0))
+    # Means/medians over the two non-degenerate images; the degenerate one fails every threshold.
+    assert summary["degenerate"] == 1 and summary["images"] == 3
+    assert summary["rotation_deg_mean"] == pytest.approx(2.0) and summary["mtre_mm_median"] == pytest.approx(6.0)
+    assert summary["success_5mm"] == pytest.approx(1 / 3) and summary["success_10mm"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("registration", list(Registration))
+def test_true_landmarks_register_to_the_true_pose(store, registration):
+    truth = read_truth(store, Split.NOVEL_SUBJECT, SIZE)
+    errors = pose_metrics(Predictions("oracle", truth, truth.true_px.copy()), registration)
+    assert not errors.degenerate.any()
+    assert errors.rotation_deg.max() < 1e-3
+    assert errors.translation_mm.max() < 1e-2
+    assert errors.mtre_mm.max() < 1e-2
+    assert all(errors.success(t).all() for t in SUCCESS_THRESHOLDS_MM)
+
+
+def test_pose_of_perturbed_landmarks_is_wrong(store):
+    truth = read_truth(store, Split.NOVEL_SUBJECT, SIZE)
+    shifted = truth.true_px + np.array([3.0, 0.0])  # 3 model px = 4.5 detector px sideways, every landmark
+    errors = pose_metrics(Predictions("shifted", truth, shifted), Registration.PLAIN)
+    assert (errors.mtre_mm > 1.0).all()
+
+
+# ---------------------------------------------------------------- outputs of a whole evaluation
+
+
+def test_table1_csv(results, store):
+    report, out = results
+    rows = _read_csv(out / "table1.csv")
+    assert rows[0] == ["split", "model", "Mean", "L1", "L2", "L3", "L4", "L5"]
+    assert [r[:2] for r in rows[1:]] == [
+        [split, model] for split in ("novel_view", "novel_subject") for model in ("run_a", "run_div", "run_b", "mean-position")
+    ]
+    for row in rows[1:]:
+        if row[1] == "run_div":
+            assert row[2:] == ["DIV", "-", "-", "-", "-", "-"]
+            continue
+        values = [float(v) for v in row[2:]]
+        assert all(v == round(v, 2) and len(s.split(".")[1]) == 2 for v, s in zip(values, row[2:]))
+        assert values[0] == pytest.approx(np.mean(values[1:]), abs=0.0101)  # each rounded by at most 0.005
+    # run_b is a copy of run_a: the same numbers.
+    assert rows[1][2:] == rows[3][2:]
+    for name in ("table1_detector_px.csv", "table1_mm_detector.csv", "table1_mm_isocentre.csv"):
+        other = _read_csv(out / name)
+        assert other[0] == rows[0] and [r[:2] for r in other[1:]] == [r[:2] for r in rows[1:]]
+    # Every error scales alike: detector px = 1.5 model px, detector mm = 4 x that, isocentre mm = / 1.2.
+    tables = json.loads((out / "summary.json").read_text())["tables"]
+    for model_row, det_row, iso_row in zip(*(tables[u]["rows"] for u in ("model_px", "detector_px", "isocentre_mm"))):
+        if model_row["Mean"] == "DIV":
+            assert det_row["Mean"] == iso_row["Mean"] == "DIV"
+            continue
+        for key in ("Mean", "L1", "L5"):
+            assert det_row[key] == pytest.approx(1.5 * model_row[key], rel=1e-5)
+            assert iso_row[key] == pytest.approx(1.5 * 4.0 / 1.2 * model_row[key], rel=1e-5)
+    assert [r.model for r in report.table1] == [r[1] for r in rows[1:]]
+
+
+def test_per_image_csv(results):
+    _, out = results
+    rows = _read_csv(out / "per_image.csv")
+    assert rows[0] == [
+        "split", "model", "row", "subject", "landmark", "visible", "pred_x", "pred_y", "true_x", "true_y",
+        "error_model_px", "error_detector_px", "error_detector_mm", "error_isocentre_mm",
+    ]  # fmt: skip
+    # (2 novel_view + 4 novel_subject images) x 5 landmarks x (run_a, run_b, mean-position); run_div is not evaluated.
+    assert len(rows) - 1 == (2 + 4) * 5 * 3
+    assert {r[1] for r in rows[1:]} == {"run_a", "run_b", "mean-position"}
+    for r in rows[1:]:
+        assert r[5] == "1"  # every bead is on the detector in this store
+        error = math.hypot(float(r[6]) - float(r[8]), float(r[7]) - float(r[9]))
+        assert float(r[10]) == pytest.approx(error, abs=2e-3)
+        assert float(r[11]) == pytest.approx(1.5 * float(r[10]), abs=1e-3)
+
+
+def test_pose_csv_and_summary(results, store):
+    _, out = results
+    rows = list(csv.DictReader(open(out / "pose.csv", newline="")))
+    assert len(rows) == 2 * 4 * 2  # splits x (3 runs + reference) x (lm, robust)
+    div = [r for r in rows if r["model"] == "run_div"]
+    assert len(div) == 4 and all(r["status"] == "DIV" and r["mtre_mm_mean"] == "" for r in div)
+    for r in rows:
+        if r["model"] != "run_div":
+            assert int(r["images"]) == (2 if r["split"] == "novel_view" else 4)
+            assert 0.0 <= float(r["success_10mm"]) <= 1.0
+    assert {"success_5mm", "success_10mm"} <= set(rows[0])
+    per_image = _read_csv(out / "pose_per_image.csv")
+    assert len(per_image) - 1 == (2 + 4) * 3 * 2
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["landmarks"] == {f"L{i + 1}": name for i, name in enumerate(NAMES)}
+    assert summary["store"]["fingerprint"] == open_store(store).attrs["fingerprint"]
+    assert [(r["name"], r["status"], r["evaluated"]) for r in summary["runs"]] == [
+        ("run_a", "COMPLETE", True), ("run_div", "DIV", False), ("run_b", "COMPLETE", True),
+    ]  # fmt: skip
+    assert all(r["same_store"] for r in summary["runs"])
+    assert summary["splits"]["novel_view"]["images"] == 2 and summary["splits"]["novel_subject"]["images"] == 4
+    assert summary["splits"]["novel_subject"]["landmarks_invisible"] == 0
+    assert summary["reference"]["available"] and summary["reference"]["train_images"] == 6
+    assert summary["pose"]["thresholds_mm"] == list(SUCCESS_THRESHOLDS_MM)
+
+
+def test_figures_are_pngs(results):
+    import matplotlib.image
+
+    _, out = results
+    names = ["samples_novel_view.png", "samples_novel_subject.png", "per_landmark_error.png", "error_cdf.png"]
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert not list(out.parent.glob(".results.*"))  # no staging folder left behind
+
+
+def test_store_without_train_images_has_no_reference(store, runs, tmp_path):
+    real = _store_with_splits(store, tmp_path / "real.zarr", {Split.TRAIN: Split.NOVEL_VIEW})
+    report = evaluate_runs([runs["run_a"]], real, tmp_path / "out", EvalSettings(samples=0, **CPU))
+    assert not report.reference
+    assert [r.model for r in report.table1] == ["run_a", "run_a"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["reference"]["available"] is False and "no train images" in summary["reference"]["reason"]
+    assert summary["splits"]["novel_view"]["images"] == 8
+    assert report.notes == ("no mean-position rows: the store has no train images",)
+
+
+def test_runs_of_two_sizes_get_a_reference_row_each(store, runs, tmp_path):
+    # The U-Net is fully convolutional: run_a's weights also run at 48 x 48 (the store's own size).
+    run_48 = tmp_path / "run_48"
+    shutil.copytree(runs["run_a"], run_48)
+    info = json.loads((run_48 / "run.json").read_text())
+    _edit_run_json(run_48, config={**info["config"], "size": 48})
+    settings = EvalSettings(splits=(Split.NOVEL_VIEW,), samples=0, **CPU)
+    report = evaluate_runs([runs["run_a"], run_48], store, tmp_path / "out", settings)
+    assert [r.model for r in report.table1] == ["run_a", "run_48", "mean-position@32", "mean-position@48"]
+    ref32, ref48 = report.table1[2], report.table1[3]
+    # The same predictor in two model sizes: its model-px errors scale by 48 / 32, its detector errors agree.
+    np.testing.assert_allclose(np.asarray(ref48.rmse), 1.5 * np.asarray(ref32.rmse), rtol=1e-9)
+    detector = report.tables[Unit.DETECTOR_PX]
+    np.testing.assert_allclose(detector[2].rmse, detector[3].rmse, rtol=1e-9)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def _fails(run_dirs, store, out, settings=EvalSettings(**CPU)) -> PelmarkError:
+    with pytest.raises(PelmarkError) as caught:
+        evaluate_runs(run_dirs, store, out, settings)
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*"))
+    return caught.value
+
+
+def test_run_without_checkpoint(store, runs, tmp_path):
+    run = tmp_path / "no_ckpt"
+    shutil.copytree(runs["run_a"], run)
+    shutil.rmtree(run / "checkpoints")
+    error = _fails([runs["run_a"], run], store, tmp_path / "out")
+    assert run in error.path.parents and "checkpoint" in error.message
+
+
+def test_run_of_another_landmark_set(store, runs, tmp_path):
+    run = tmp_path / "other"
+    shutil.copytree(runs["run_a"], run)
+    _edit_run_json(run, landmark_names=["ASIS-l", "IOF-l", "MOF-l", "SPS", "IPS"])
+    error = _fails([run], store, tmp_path / "out")
+    assert error.path == run and "ASIS-l" in error.message and "landmarks" in error.message
+
+
+def test_not_a_run_and_duplicate_names(store, runs, tmp_path):
+    error = _fails([tmp_path], store, tmp_path / "out")
+    assert error.path == tmp_path and "run.json" in error.message
+    twin = tmp_path / "twin" / "run_a"
+    shutil.copytree(runs["run_a"], twin)
+    error = _fails([runs["run_a"], twin], store, tmp_path / "out")
+    assert "two runs are named 'run_a'" in error.message
+
+
+def test_store_without_the_split(store, runs, tmp_path):
+    no_subject = _store_with_splits(store, tmp_path / "ns.zarr", {Split.NOVEL_SUBJECT: Split.TRAIN})
+    error = _fails([runs["run_a"]], no_subject, tmp_path / "out", EvalSettings(splits=(Split.NOVEL_SUBJECT,), **CPU))
+    assert error.path == no_subject and "novel_subject" in error.message
+    neither = _store_with_splits(store, tmp_path / "tr.zarr", {Split.NOVEL_SUBJECT: Split.TRAIN, Split.NOVEL_VIEW: Split.TRAIN})
+    error = _fails([runs["run_a"]], neither, tmp_path / "out")
+    assert error.path == neither and "--split" in error.message
+
+
+def test_out_in_the_way_and_split_names(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(PelmarkError, match="--overwrite"):
+        check_out(tmp_path / "full", overwrite=False)
+    check_out(tmp_path / "full", overwrite=True)
+    check_out(tmp_path / "absent", overwrite=False)
+    assert parse_splits(None) is None and parse_splits(["novel_subject", "novel_subject"]) == (Split.NOVEL_SUBJECT,)
+    with pytest.raises(PelmarkError, match="unknown split 'test'"):
+        parse_splits(["test"])
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_eval(store, runs, tmp_path):
+    out = tmp_path / "cli"
+    args = ["eval", str(runs["run_a"]), str(runs["run_div"]), "--store", str(store), "--out", str(out),
+            "--split", "novel_subject", "--samples", "1", "--device", "cpu", "--workers", "0", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["split", "model", "Mean", "L1", "L2", "L3", "L4", "L5"]
+    assert [line.split()[:3] for line in lines[1:4]] == [
+        ["novel_subject", "run_a", lines[1].split()[2]], ["novel_subject", "run_div", "DIV"],
+        ["novel_subject", "mean-position", lines[3].split()[2]],
+    ]  # fmt: skip
+    assert _read_csv(out / "table1.csv")[1][1:3] == ["run_a", lines[1].split()[2]]
+    assert not (out / "samples_novel_view.png").exists() and (out / "samples_novel_subject.png").is_file()
+    assert "note: run_div: diverged (step 1: non-finite loss (nan)); shown as DIV" in lines
+
+
+def test_cli_bad_input_is_one_line(store, runs, tmp_path):
+    run = tmp_path / "other"
+    shutil.copytree(runs["run_a"], run)
+    _edit_run_json(run, landmark_names=["A", "B"])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", str(run), "--store", str(store), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run}: run predicts landmarks ['A', 'B']")
+    assert not out.exists()

@@ -1,0 +1,222 @@
+"""Training configuration: strategies, one frozen dataclass, and how it is resolved.
+
+Precedence, lowest first: the dataclass defaults (the paper's settings), the
+strategy's defaults (:data:`STRATEGY_DEFAULTS`), a ``[train]`` table from a
+TOML file (a manifest or a standalone config, with optional per-strategy
+sub-tables such as ``[train.finetune]``), then command-line options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pelmark.errors import PelmarkError
+from pelmark.registration import PoseLoss, Solver
+from pelmark.train.data import TargetKind
+
+
+class Strategy(str, enum.Enum):
+    """The paper's four training strategies (Fig. 3)."""
+
+    BASELINE = "baseline"  # U-Net with BCE on the landmark masks
+    COMPOSITE = "composite"  # BCE + λ·PEL, from random weights (paper eq. 9)
+    PEL_ONLY = "pel-only"  # PEL alone, from random weights
+    FINETUNE = "finetune"  # PEL alone, from a baseline checkpoint (--init)
+
+    @property
+    def uses_segmentation(self) -> bool:
+        return self in (Strategy.BASELINE, Strategy.COMPOSITE)
+
+    @property
+    def uses_pel(self) -> bool:
+        return self is not Strategy.BASELINE
+
+
+class Schedule(str, enum.Enum):
+    CONSTANT = "constant"  # the paper's fixed learning rate
+    COSINE = "cosine"  # cosine decay to 0 over the run's steps
+
+
+class RunStatus(str, enum.Enum):
+    """The final state recorded in ``run.json``; tables print ``DIV`` for a diverged run, as the paper does."""
+
+    RUNNING = "RUNNING"
+    COMPLETE = "COMPLETE"
+    DIV = "DIV"
+    INTERRUPTED = "INTERRUPTED"
+
+
+# Epochs from the paper: 28 for the baseline and the PEL-trained models, one for the fine-tune.
+STRATEGY_DEFAULTS: dict[Strategy, dict[str, Any]] = {
+    Strategy.BASELINE: {"epochs": 28},
+    Strategy.COMPOSITE: {"epochs": 28},
+    Strategy.PEL_ONLY: {"epochs": 28},
+    Strategy.FINETUNE: {"epochs": 1},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run.
+
+    Attributes:
+        strategy: which of the four strategies.
+        epochs: passes over the training images.
+        max_steps: stop after this many optimiser steps in all (None = no limit).
+        batch_size: images per optimiser step (over all DDP processes).
+        micro_batches: each process's part of a batch is run in this many pieces whose gradients
+            are averaged (gradient accumulation: less memory, the same step; the same as that
+            many DDP processes, BatchNorm statistics included).
+        lr: Adam learning rate (paper 1e-4).
+        schedule: constant (paper) or cosine decay.
+        size: side of the square model input (paper 512).
+        encoder, encoder_depth, encoder_weights: the U-Net (see :class:`~pelmark.train.model.ModelSpec`).
+        init: checkpoint to start from (required by finetune; a run dir or a .pt file).
+        target, disk_radius_px, gaussian_sigma_px, augment: the data (see :class:`~pelmark.train.data.DataSettings`).
+        pos_weight: BCE weight of the mask's pixels against the background (paper: 1, plain BCE).
+        pel_weight: λ of paper eq. 9 (composite only; the paper does not give its value).
+        pose_loss: paper (eq. 10), geodesic or mtre (see :mod:`pelmark.registration.losses`).
+        solver: the registration inside PEL: lm (converged, implicit gradient) or the paper's adam / lbfgs.
+        temperature: soft-argmax τ on the logits (see :mod:`pelmark.train.model`).
+        val_fraction: share of the train split's images held out to choose the best checkpoint.
+        seed: seeds the weights, the data order and the augmentation (paper 42).
+        workers: DataLoader worker processes.
+        device: auto (CUDA if present), cpu, cuda or cuda:N.
+        checkpoint_every: also write ``last`` every this many steps (0 = at epoch ends only).
+        divergence_factor: a loss above this multiple of the mean of the first steps' losses is divergence.
+        divergence_warmup: steps whose losses set that reference.
+    """
+
+    strategy: Strategy = Strategy.BASELINE
+    epochs: int = 28
+    max_steps: int | None = None
+    batch_size: int = 8
+    micro_batches: int = 1
+    lr: float = 1e-4
+    schedule: Schedule = Schedule.CONSTANT
+    size: int = 512
+    encoder: str = "resnet34"
+    encoder_depth: int = 5
+    encoder_weights: str | None = None
+    init: str | None = None
+    target: TargetKind = TargetKind.DISK
+    disk_radius_px: float = 6.0
+    gaussian_sigma_px: float = 3.0
+    augment: bool = False
+    pos_weight: float = 1.0
+    pel_weight: float = 1.0
+    pose_loss: PoseLoss = PoseLoss.PAPER
+    solver: Solver = Solver.LM
+    temperature: float = 1.0
+    val_fraction: float = 0.1
+    seed: int = 42
+    workers: int = 2
+    device: str = "auto"
+    checkpoint_every: int = 50
+    divergence_factor: float = 1000.0
+    divergence_warmup: int = 10
+
+    # Settings that change how a run executes but not what it computes (a resume may change them).
+    RUNTIME_FIELDS = ("workers", "device", "checkpoint_every")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append("epochs must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("max_steps must be at least 1")
+        if self.batch_size < 1 or self.micro_batches < 1 or self.size < 8 or self.workers < 0:
+            problems.append("need batch_size >= 1, micro_batches >= 1, size >= 8 and workers >= 0")
+        if self.pos_weight <= 0:
+            problems.append("pos_weight must be positive")
+        if not self.lr > 0 or not self.temperature > 0 or self.pel_weight < 0:
+            problems.append("need lr > 0, temperature > 0 and pel_weight >= 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append("val_fraction must be in [0, 1)")
+        if self.divergence_factor <= 1.0 or self.divergence_warmup < 1 or self.checkpoint_every < 0:
+            problems.append("need divergence_factor > 1, divergence_warmup >= 1, checkpoint_every >= 0")
+        if problems:
+            raise PelmarkError("invalid train settings: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: Path | None = None) -> "TrainConfig":
+        return _build(dict(values), source)
+
+
+_ENUMS = {"strategy": Strategy, "schedule": Schedule, "target": TargetKind, "pose_loss": PoseLoss, "solver": Solver}
+
+
+def _build(values: dict[str, Any], source: Path | None) -> TrainConfig:
+    for name, kind in _ENUMS.items():
+        if name in values and values[name] is not None:
+            try:
+                values[name] = kind(values[name])
+            except ValueError:
+                known = ", ".join(k.value for k in kind)
+                raise PelmarkError(f"unknown {name} '{values[name]}' (known: {known})", source) from None
+    try:
+        return TrainConfig(**values)
+    except TypeError as error:
+        raise PelmarkError(f"invalid train settings: {error}", source) from None
+
+
+def read_train_table(path: Path) -> dict[str, Any]:
+    """The ``[train]`` table of a TOML file (a manifest or a config); {} if it has none.
+
+    Raises:
+        PelmarkError: the file is missing or is not valid TOML.
+    """
+    if not path.is_file():
+        raise PelmarkError("config file not found", path)
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise PelmarkError(f"not valid TOML: {error}", path) from None
+    table = document.get("train", {})
+    if not isinstance(table, dict):
+        raise PelmarkError("[train] must be a table", path)
+    return table
+
+
+def resolve_config(
+    strategy: Strategy | str,
+    table: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    source: Path | None = None,
+) -> TrainConfig:
+    """Defaults < strategy defaults < ``[train]`` (then ``[train.<strategy>]``) < overrides (None = not given)."""
+    try:
+        strategy = Strategy(strategy)
+    except ValueError:
+        known = ", ".join(s.value for s in Strategy)
+        raise PelmarkError(f"unknown strategy '{strategy}' (known: {known})") from None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = dict(STRATEGY_DEFAULTS[strategy])
+    table = dict(table or {})
+    specific = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            if key.replace("_", "-") in {s.value for s in Strategy}:
+                if key.replace("_", "-") == strategy.value:
+                    specific = value
+                continue
+            raise PelmarkError(f"[train.{key}] is not a strategy (known: {', '.join(s.value for s in Strategy)})", source)
+    for layer in (table, specific):
+        for key, value in layer.items():
+            if isinstance(value, dict):
+                continue
+            name = key.replace("-", "_")
+            if name not in names or name == "strategy":
+                raise PelmarkError(f"[train] has an unknown setting '{key}' (known: {', '.join(sorted(names - {'strategy'}))})", source)
+            values[name] = value
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values["strategy"] = strategy
+    return _build(values, source)

@@ -1,0 +1,574 @@
+"""``pelmark train``: the training loop shared by the four strategies.
+
+Determinism and resume
+    The image order of epoch e is a permutation drawn from ``(seed, "order",
+    e)`` and augmentation from ``(seed, epoch, row)`` (see
+    :mod:`pelmark.train.data`), so neither depends on the process's RNG
+    history. ``last.pt`` holds the step within the epoch; a resumed run skips
+    the batches already taken and continues with the same ones an
+    uninterrupted run would see. On CPU the weights are then the same, bit for
+    bit (tested).
+Distributed
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process takes a contiguous
+    part of each global batch of ``batch_size`` images and DDP averages the
+    gradients, so the optimiser sees the same images per step as one process
+    would. BatchNorm statistics are per process, as usual with DDP. Rank 0
+    alone writes files; every rank validates on the whole validation set, so
+    all take the same decisions.
+Divergence
+    A non-finite loss or gradient, or a loss above ``divergence_factor`` times
+    the mean of the first ``divergence_warmup`` losses, stops the run before the
+    optimiser step. ``run.json`` records the status ``DIV``, the step and the
+    reason; ``last.pt`` keeps the weights from before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pelmark.errors import PelmarkError
+from pelmark.seeding import numpy_generator
+from pelmark.synth.poses import Split
+from pelmark.synth.store import git_revision, now_utc, open_store, package_versions
+from pelmark.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    RUN_FORMAT,
+    RUN_VERSION,
+    checkpoint_path,
+    load_checkpoint,
+    read_run_json,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    write_run_json,
+)
+from pelmark.train.config import RunStatus, Schedule, Strategy, TrainConfig
+from pelmark.train.data import CropParams, DataSettings, StoreDataset
+from pelmark.train.losses import pel_term, segmentation_loss
+from pelmark.train.metrics import landmark_rmse, mean_rmse
+from pelmark.train.model import ModelSpec, build_model, hard_argmax
+
+STEP_FIELDS = ("step", "epoch", "loss", "seg_loss", "pel_loss", "pel_used", "pel_rot_deg", "pel_trans_mm", "lr", "images_per_s")
+EPOCH_FIELDS = ("epoch", "step", "train_loss", "val_rmse_px", "seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunReport:
+    """What a finished (or stopped) run reports back."""
+
+    run_dir: Path
+    status: RunStatus
+    steps: int
+    best_val_rmse_px: float
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclasses.dataclass
+class _State:
+    """The counters a checkpoint carries besides the weights."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+    best_val_rmse_px: float = math.inf
+    best_step: int = -1
+    reference_losses: list[float] = dataclasses.field(default_factory=list)
+
+
+class Diverged(Exception):
+    """Raised inside a step; the loop records DIV."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PelmarkError(f"device '{name}' asked for, but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise PelmarkError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)") from None
+
+
+def setup_distributed(config: TrainConfig) -> Distributed:
+    """One process, or a torchrun process group (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(0, 1, resolve_device(config.device))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(config.device, local_rank)
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Distributed(torch.distributed.get_rank(), world, device)
+
+
+def split_validation(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows): a seeded ``fraction`` of the train split's images."""
+    n_val = int(round(fraction * len(rows)))
+    if fraction > 0 and len(rows) > 1:
+        n_val = min(max(n_val, 1), len(rows) - 1)
+    order = numpy_generator(seed, "validation").permutation(len(rows))
+    return np.sort(rows[order[n_val:]]), np.sort(rows[order[:n_val]])
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The epoch's global batches of dataset positions: a seeded permutation, the last partial batch dropped."""
+    order = numpy_generator(seed, "order", epoch).permutation(n)
+    steps = max(1, n // batch_size)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def _rank_part(batch: np.ndarray, dist: Distributed) -> list[int]:
+    return np.array_split(batch, dist.world)[dist.rank].tolist()
+
+
+def _micro_batches(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
+    """Split a collated batch into up to ``pieces`` contiguous parts (as DDP splits a global batch across processes)."""
+    size = len(batch["image"])
+    bounds = np.array_split(np.arange(size), min(pieces, size))
+    return [{k: v[int(b[0]) : int(b[-1]) + 1] for k, v in batch.items()} for b in bounds]
+
+
+class _CsvLog:
+    """Append-only CSV; on resume, rows past the checkpoint's step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...], keep_until_step: int | None):
+        self.path, self.fields = path, fields
+        if keep_until_step is None or not path.is_file():
+            with open(path, "w", newline="") as handle:
+                csv.writer(handle).writerow(fields)
+        else:
+            with open(path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= keep_until_step]
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, self.fields).writerow({k: _fmt(row.get(k, "")) for k in self.fields})
+
+
+def _mean_finite(values: list[float]) -> float:
+    finite = [float(v) for v in values if math.isfinite(float(v))]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+class Trainer:
+    """One training run; :func:`train` is the entry point."""
+
+    def __init__(self, config: TrainConfig, store: Path, run_dir: Path, dist: Distributed, progress: bool):
+        self.config, self.store, self.run_dir, self.dist, self.progress = config, store, run_dir, dist, progress
+        group = open_store(store)
+        attrs = dict(group.attrs)
+        self.landmark_names = tuple(attrs.get("landmark_names", ()))
+        self.store_fingerprint = attrs.get("fingerprint")
+        data = DataSettings(
+            size=config.size,
+            target=config.target,
+            disk_radius_px=config.disk_radius_px,
+            gaussian_sigma_px=config.gaussian_sigma_px,
+            splits=(Split.TRAIN,),
+            seed=config.seed,
+        )
+        rows = StoreDataset(store, data).rows
+        train_rows, val_rows = split_validation(rows, config.val_fraction, config.seed)
+        if len(train_rows) < dist.world:
+            raise PelmarkError(f"{len(train_rows)} training images cannot feed {dist.world} processes", store)
+        self.data_settings = dataclasses.replace(data, augment=config.augment)
+        self.train_set = StoreDataset(store, self.data_settings, indices=train_rows)
+        self.val_set = StoreDataset(store, data, indices=val_rows) if len(val_rows) else None
+        self.reference_camera = self.train_set.model_camera(CropParams(0, 0, self.train_set.camera.height, self.train_set.camera.width))
+        self.steps_per_epoch = len(epoch_batches(len(self.train_set), config.batch_size, config.seed, 0))
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+
+        torch.manual_seed(config.seed)
+        self.spec = ModelSpec(
+            classes=len(self.landmark_names),
+            encoder=config.encoder,
+            encoder_depth=config.encoder_depth,
+            encoder_weights=config.encoder_weights,
+        )
+        self.model = build_model(self.spec).to(dist.device)
+        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
+        total = max(self.total_steps, 1)
+        if config.schedule is Schedule.COSINE:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        self.net: nn.Module = self.model
+        if dist.world > 1:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.state = _State()
+
+    # ------------------------------------------------------------ state
+
+    def load_init(self, path: Path) -> None:
+        """Start from another run's weights (finetune); the landmark set must match."""
+        state = load_checkpoint(path)
+        names = tuple(state.get("landmark_names", ()))
+        if names != self.landmark_names:
+            raise PelmarkError(f"--init checkpoint is for landmarks {list(names)}, the store has {list(self.landmark_names)}", Path(path))
+        spec = ModelSpec.from_dict(state["model_spec"])
+        if (spec.encoder, spec.encoder_depth) != (self.spec.encoder, self.spec.encoder_depth):
+            raise PelmarkError(
+                f"--init checkpoint is a {spec.encoder} depth {spec.encoder_depth} U-Net, "
+                f"this run asks for {self.spec.encoder} depth {self.spec.encoder_depth}",
+                Path(path),
+            )
+        self.model.load_state_dict(state["model"])
+
+    def checkpoint(self, which: str) -> None:
+        if not self.dist.main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "counters": dataclasses.asdict(self.state),
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "model_spec": self.spec.to_dict(),
+            "landmark_names": list(self.landmark_names),
+            "store_fingerprint": self.store_fingerprint,
+        }
+        save_atomic(state, checkpoint_path(self.run_dir, which))
+
+    def restore(self) -> None:
+        state = load_checkpoint(checkpoint_path(self.run_dir, "last"))
+        if state.get("store_fingerprint") != self.store_fingerprint:
+            raise PelmarkError("the run was trained on another store; resume it with the same --store", self.store)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.state = _State(**state["counters"])
+        set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------ steps
+
+    def _batches(self, dataset: StoreDataset, batches: list[list[int]]) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.config.workers,
+            pin_memory=self.dist.device.type == "cuda",
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    def step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One optimiser step on this process's part of a global batch, in ``micro_batches`` pieces."""
+        config = self.config
+        self.net.train()
+        parts = _micro_batches(batch, config.micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        rows = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or self.dist.world == 1 else self.net.no_sync()
+            with sync:
+                loss, row = self._loss(part)
+                if not math.isfinite(self._agreed_loss(loss.detach())):
+                    raise Diverged(f"non-finite loss ({float(loss.detach())})")
+                (loss / len(parts)).backward()
+            rows.append(row)
+        row = {k: _mean_finite([r[k] for r in rows]) for k in rows[0]}
+        row["pel_used"] = int(sum(r.get("pel_used", 0) for r in rows)) if "pel_used" in rows[0] else ""
+        row["loss"] = self._agreed_loss(torch.tensor(row["loss"], dtype=torch.float64, device=self.dist.device))
+        self._check_loss(row["loss"])
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack([g.detach().abs().max() for g in grads])).all()):
+            raise Diverged("non-finite gradient")
+        self.optimizer.step()
+        self.scheduler.step()
+        return row
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The strategy's loss on one (micro-)batch, and its parts for the log."""
+        config, device = self.config, self.dist.device
+        images = batch["image"].to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = self.net(images)
+        logits = logits.float()
+        row: dict[str, Any] = {}
+        loss = logits.new_zeros(())
+        if config.strategy.uses_segmentation:
+            seg = segmentation_loss(logits, batch["heatmap_target"].to(device), config.pos_weight)
+            loss = loss + seg
+            row["seg_loss"] = float(seg.detach())
+        if config.strategy.uses_pel:
+            term = pel_term(
+                logits,
+                batch["visible"],
+                batch["intrinsics"],
+                batch["landmarks_3d"],
+                batch["pose"],
+                self.reference_camera,
+                config.temperature,
+                config.pose_loss,
+                config.solver,
+            )
+            weight = config.pel_weight if config.strategy is Strategy.COMPOSITE else 1.0
+            loss = loss + weight * term.loss
+            row.update(pel_loss=float(term.loss.detach()), pel_used=term.n_used, pel_rot_deg=term.rotation_deg, pel_trans_mm=term.translation_mm)
+        row["loss"] = float(loss.detach())
+        return loss, row
+
+    def _agreed_loss(self, loss: torch.Tensor) -> float:
+        """The mean loss over all processes, so every rank takes the same divergence decision."""
+        if self.dist.world > 1:
+            loss = loss.clone()
+            torch.distributed.all_reduce(loss)
+            loss /= self.dist.world
+        return float(loss)
+
+    def _check_loss(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise Diverged(f"non-finite loss ({value})")
+        reference = self.state.reference_losses
+        if len(reference) < self.config.divergence_warmup:
+            reference.append(value)
+            return
+        limit = self.config.divergence_factor * float(np.mean(reference))
+        if value > limit:
+            raise Diverged(f"loss {value:.4g} exceeded {self.config.divergence_factor:g} x its first steps' mean ({np.mean(reference):.4g})")
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Table-1 mean RMSE (model px) of the argmax on the validation images; NaN without validation images."""
+        if self.val_set is None:
+            return float("nan")
+        self.net.eval()
+        predicted, true, visible = [], [], []
+        positions = np.arange(len(self.val_set))
+        batches = [positions[i : i + self.config.batch_size].tolist() for i in range(0, len(positions), self.config.batch_size)]
+        for batch in self._batches(self.val_set, batches):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda"):
+                logits = self.model(batch["image"].to(self.dist.device))
+            predicted.append(hard_argmax(logits.float()).cpu().numpy())
+            true.append(batch["landmarks_px"].numpy())
+            visible.append(batch["visible"].numpy())
+        return mean_rmse(landmark_rmse(np.concatenate(predicted), np.concatenate(true), np.concatenate(visible)))
+
+
+def _run_info(trainer: Trainer, status: RunStatus, reason: str = "", created: str | None = None) -> dict[str, Any]:
+    state = trainer.state
+    return {
+        "format": RUN_FORMAT,
+        "version": RUN_VERSION,
+        "name": trainer.run_dir.name,
+        "strategy": trainer.config.strategy.value,
+        "status": status.value,
+        "reason": reason,
+        "config": trainer.config.to_dict(),
+        "landmark_names": list(trainer.landmark_names),
+        "model_spec": trainer.spec.to_dict(),
+        "data": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(trainer.data_settings).items()},
+        "store": {
+            "path": str(trainer.store.resolve()),
+            "fingerprint": trainer.store_fingerprint,
+            "train_images": len(trainer.train_set),
+            "val_images": 0 if trainer.val_set is None else len(trainer.val_set),
+        },
+        "steps": state.step,
+        "steps_total": trainer.total_steps,
+        "epochs_completed": state.epoch,
+        "best": {"step": state.best_step, "val_rmse_px": None if not math.isfinite(state.best_val_rmse_px) else state.best_val_rmse_px},
+        "world_size": trainer.dist.world,
+        "device": str(trainer.dist.device),
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "created": created or now_utc(),
+        "updated": now_utc(),
+    }
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check ``run_dir`` before any work; returns the old run.json when resuming."""
+    if resume:
+        info = read_run_json(run_dir)
+        if not checkpoint_path(run_dir, "last").is_file():
+            raise PelmarkError("nothing to resume: the run has no last checkpoint yet", run_dir)
+        return info
+    if (run_dir / "run.json").exists() and not overwrite:
+        raise PelmarkError("already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out", run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PelmarkError("exists and is not a folder", run_dir)
+    return None
+
+
+def train(
+    config: TrainConfig,
+    store: Path,
+    run_dir: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    after_step: Callable[[int], None] | None = None,
+) -> RunReport:
+    """Train one run into ``run_dir`` (see the module docstring).
+
+    Args:
+        config: the resolved config; when resuming, the run's saved config is
+            used except for its runtime fields (workers, device, checkpoint_every),
+            ``epochs`` and ``max_steps``, which may extend the run.
+        store: the synth store.
+        run_dir: the run folder (created).
+        resume: continue from ``run_dir``'s ``last`` checkpoint.
+        overwrite: replace a run already in ``run_dir``.
+        progress: show a progress bar.
+        after_step: called with the global step after each step (tests use it to simulate a crash).
+
+    Raises:
+        PelmarkError: bad store, bad --init, a run folder in the way, or nothing to resume.
+    """
+    store, run_dir = Path(store), Path(run_dir)
+    previous = prepare_run_dir(run_dir, resume, overwrite)
+    if previous is not None:
+        saved = TrainConfig.from_dict(previous["config"], run_dir / "run.json")
+        keep = {name: getattr(config, name) for name in (*TrainConfig.RUNTIME_FIELDS, "epochs", "max_steps")}
+        config = dataclasses.replace(saved, **keep)
+    if config.strategy is Strategy.FINETUNE and not config.init:
+        raise PelmarkError("the finetune strategy starts from a baseline: pass --init RUN_DIR_OR_CHECKPOINT")
+    dist = setup_distributed(config)
+    trainer = Trainer(config, store, run_dir, dist, progress)
+    created = None
+    if previous is not None:
+        trainer.restore()
+        created = previous.get("created")
+    elif config.init:
+        trainer.load_init(Path(config.init))
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        write_run_json(run_dir, _run_info(trainer, RunStatus.RUNNING, created=created))
+    keep_until = trainer.state.step if previous is not None else None
+    steps_log = _CsvLog(run_dir / "metrics_steps.csv", STEP_FIELDS, keep_until) if dist.main else None
+    epochs_log = _CsvLog(run_dir / "metrics_epochs.csv", EPOCH_FIELDS, keep_until) if dist.main else None
+    board = _tensorboard(run_dir) if dist.main else None
+    status, reason = _loop(trainer, steps_log, epochs_log, board, after_step, created)
+    if board is not None:
+        board.close()
+    if dist.main:
+        write_run_json(run_dir, _run_info(trainer, status, reason, created))
+    return RunReport(run_dir, status, trainer.state.step, trainer.state.best_val_rmse_px, reason)
+
+
+def _loop(trainer: Trainer, steps_log, epochs_log, board, after_step, created) -> tuple[RunStatus, str]:
+    from tqdm import tqdm
+
+    config, state, dist = trainer.config, trainer.state, trainer.dist
+    bar = tqdm(
+        total=trainer.total_steps,
+        initial=min(state.step, trainer.total_steps),
+        desc=f"train {config.strategy.value}",
+        unit="step",
+        disable=not (trainer.progress and dist.main),
+        dynamic_ncols=True,
+    )
+    try:
+        while state.epoch < config.epochs and state.step < trainer.total_steps:
+            epoch_start, losses = time.perf_counter(), []
+            trainer.train_set.set_epoch(state.epoch)
+            batches = epoch_batches(len(trainer.train_set), config.batch_size, config.seed, state.epoch)
+            todo = [_rank_part(b, dist) for b in batches[state.step_in_epoch :]]
+            tick = time.perf_counter()
+            for batch in trainer._batches(trainer.train_set, todo):
+                try:
+                    row = trainer.step(batch)
+                except Diverged as error:
+                    # The last good state is already on disk (``last.pt``); the diverged weights are not kept.
+                    if dist.main:
+                        write_run_json(trainer.run_dir, _run_info(trainer, RunStatus.DIV, f"step {state.step + 1}: {error}", created))
+                    return RunStatus.DIV, f"step {state.step + 1}: {error}"
+                state.step += 1
+                state.step_in_epoch += 1
+                now = time.perf_counter()
+                row.update(step=state.step, epoch=state.epoch, lr=trainer.scheduler.get_last_lr()[0], images_per_s=config.batch_size / max(now - tick, 1e-9))
+                tick = now
+                losses.append(row["loss"])
+                if steps_log is not None:
+                    steps_log.write(row)
+                    if board is not None:
+                        for key in ("loss", "seg_loss", "pel_loss"):
+                            if key in row:
+                                board.add_scalar(f"train/{key}", row[key], state.step)
+                bar.update(1)
+                bar.set_postfix(epoch=state.epoch, loss=f"{row['loss']:.4g}")
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    trainer.checkpoint("last")
+                if after_step is not None:
+                    after_step(state.step)
+                if state.step >= trainer.total_steps:
+                    break
+            if state.step_in_epoch >= len(batches):
+                state.epoch += 1
+                state.step_in_epoch = 0
+            val = trainer.validate()
+            improved = math.isfinite(val) and val < state.best_val_rmse_px
+            if improved:
+                state.best_val_rmse_px, state.best_step = val, state.step
+            trainer.checkpoint("last")
+            if improved or trainer.val_set is None:
+                trainer.checkpoint("best")
+            if epochs_log is not None:
+                epochs_log.write(
+                    dict(epoch=state.epoch, step=state.step, train_loss=float(np.mean(losses)) if losses else float("nan"),
+                         val_rmse_px=val, seconds=time.perf_counter() - epoch_start)
+                )
+                if board is not None and math.isfinite(val):
+                    board.add_scalar("val/rmse_px", val, state.step)
+            if dist.main:
+                write_run_json(trainer.run_dir, _run_info(trainer, RunStatus.RUNNING, created=created))
+    except KeyboardInterrupt:
+        if dist.main:
+            write_run_json(trainer.run_dir, _run_info(trainer, RunStatus.INTERRUPTED, "interrupted; pelmark train --resume continues", created))
+        raise
+    finally:
+        bar.close()
+    return RunStatus.COMPLETE, ""
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))

@@ -1,0 +1,91 @@
+"""The training losses: BCE on the landmark masks and the Pose Estimation Loss (PEL, paper eqs. 1-10).
+
+PEL for a batch:
+    1. soft-argmax (eqs. 1-2) turns each heatmap into a 2D point at the
+       sample's model resolution;
+    2. the points move into one reference camera: the store's detector resized
+       to the model size. A crop and resize change only the intrinsics (the same
+       rays), so the map is exact, and one camera serves the whole batch;
+    3. :func:`pelmark.registration.register` solves the 6-DoF pose against the
+       CT's 3D landmarks, weighting invisible landmarks 0;
+    4. the pose loss (paper eq. 10 by default) compares it with the true pose.
+
+Samples whose registration is degenerate (fewer than the needed visible
+landmarks, a singular system, the source behind the anatomy) are left out of
+the mean; their count is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pelmark.geometry import Camera
+from pelmark.registration import PoseLoss, Solver, pose_errors, pose_loss, register
+from pelmark.train.model import soft_argmax
+
+
+def segmentation_loss(logits: Tensor, targets: Tensor, pos_weight: float = 1.0) -> Tensor:
+    """The paper's BCEWithLogitsLoss between the heatmap logits and the masks (mean over all pixels).
+
+    ``pos_weight`` > 1 weighs the mask pixels up (1 = the paper's plain BCE).
+    """
+    weight = None if pos_weight == 1.0 else torch.tensor(pos_weight, dtype=torch.float32, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=weight)
+
+
+def to_reference_pixels(points_px: Tensor, intrinsics: Tensor, reference: Camera) -> Tensor:
+    """Move (B, L, 2) points from each sample's camera (``intrinsics`` rows: fx, fy, cx, cy, ...) into ``reference``."""
+    intrinsics = intrinsics.to(points_px.device, torch.float64)
+    points = points_px.to(torch.float64)
+    fx, fy, cx, cy = (intrinsics[:, i, None] for i in range(4))
+    x = (points[..., 0] - cx) / fx * reference.fx + reference.cx_px
+    y = (points[..., 1] - cy) / fy * reference.fy + reference.cy_px
+    return torch.stack([x, y], dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PelTerm:
+    """PEL of a batch and what the registration did.
+
+    Attributes:
+        loss: scalar, differentiable (0 with a zero gradient if every sample was degenerate).
+        n_used: samples that entered the mean.
+        rotation_deg, translation_mm: mean pose errors of the used samples (NaN if none).
+    """
+
+    loss: Tensor
+    n_used: int
+    rotation_deg: float
+    translation_mm: float
+
+
+def pel_term(
+    logits: Tensor,
+    visible: Tensor,
+    intrinsics: Tensor,
+    landmarks_3d: Tensor,
+    pose_true: Tensor,
+    reference: Camera,
+    temperature: float,
+    kind: PoseLoss = PoseLoss.PAPER,
+    solver: Solver = Solver.LM,
+) -> PelTerm:
+    """PEL for (B, L, S, S) logits; see the module docstring."""
+    points = to_reference_pixels(soft_argmax(logits, temperature), intrinsics, reference)
+    weights = visible.to(points.device, torch.float64)
+    landmarks_3d = landmarks_3d.to(points.device, torch.float64)
+    pose_true = pose_true.to(points.device, torch.float64)
+    result = register(points, weights, landmarks_3d, reference, solver=solver)
+    used = ~result.degenerate
+    n_used = int(used.sum())
+    if n_used == 0:
+        return PelTerm(logits.sum() * 0.0, 0, float("nan"), float("nan"))
+    pose = result.pose[used]
+    loss = pose_loss(kind, pose, pose_true[used], landmarks_3d[used])
+    with torch.no_grad():
+        rotation, translation = pose_errors(pose.detach(), pose_true[used])
+    return PelTerm(loss.float(), n_used, float(rotation.mean()), float(translation.mean()))

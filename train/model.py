@@ -1,0 +1,167 @@
+"""The landmark heatmap model (a segmentation-models-pytorch U-Net) and the soft-argmax of paper eqs. 1-2.
+
+The U-Net maps a (B, 1, S, S) image to (B, L, S, S) logits, one channel per
+landmark. Encoders start from random weights: nothing is downloaded. A local
+weights file (``ModelSpec.encoder_weights``) may hold the encoder's state
+dict, e.g. ImageNet weights copied by hand onto a machine behind a firewall.
+
+Soft-argmax temperature
+    Paper eq. 2 divides the heatmap by τ before the softmax over all S² pixels.
+    pelmark applies it to the logits, not to sigmoid probabilities: a
+    probability lies in [0, 1], so at τ = 1 a peak of 1 among 512² zeros gets
+    e/(e + 262143) of the mass and the soft-argmax is the image centre whatever
+    the model predicts. Logits of a trained model span about -15 to +5, so at
+    τ = 1 a disk of ~100 pixels holds nearly all the mass and the soft-argmax
+    sits at its centroid, while every pixel of the disk still passes gradient.
+    τ → 0 turns soft-argmax into the hard argmax, whose gradient is zero almost
+    everywhere; a large τ flattens it towards the image centre. The default
+    τ = 1 (``TrainConfig.temperature``) keeps both failure modes away on
+    logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pelmark.errors import PelmarkError
+
+# smp's decoder widths for depth 5; a shallower encoder uses the first ``depth`` of them.
+DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint needs to rebuild the network.
+
+    Attributes:
+        classes: number of landmarks (output channels).
+        encoder: any smp encoder name (default resnet34, as in the paper's smp U-Net).
+        encoder_depth: number of encoder stages, 3 to 5 (the paper uses 5).
+        in_channels: image channels (1 for X-ray).
+        encoder_weights: optional local file with the encoder's state dict.
+    """
+
+    classes: int
+    encoder: str = "resnet34"
+    encoder_depth: int = 5
+    in_channels: int = 1
+    encoder_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes < 1:
+            raise PelmarkError(f"a model needs at least one landmark, got {self.classes}")
+        if not 3 <= self.encoder_depth <= 5:
+            raise PelmarkError(f"encoder_depth must be 3, 4 or 5, got {self.encoder_depth}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """A U-Net with random weights (plus the local encoder weights, if any)."""
+    import segmentation_models_pytorch as smp
+
+    try:
+        model = smp.Unet(
+            encoder_name=spec.encoder,
+            encoder_depth=spec.encoder_depth,
+            encoder_weights=None,
+            decoder_channels=DECODER_CHANNELS[: spec.encoder_depth],
+            in_channels=spec.in_channels,
+            classes=spec.classes,
+        )
+    except (KeyError, ValueError) as error:
+        raise PelmarkError(f"cannot build a U-Net with encoder '{spec.encoder}': {error}") from None
+    if spec.encoder_weights:
+        load_encoder_weights(model, Path(spec.encoder_weights))
+    freeze_unused(model, spec)
+    return model
+
+
+def freeze_unused(model: nn.Module, spec: ModelSpec) -> None:
+    """Turn off gradients of parameters the forward pass never uses.
+
+    smp keeps an encoder's deeper stages when ``encoder_depth`` < 5 but never
+    runs them; DDP refuses parameters that get no gradient.
+    """
+    side = 2 ** (spec.encoder_depth + 1)
+    probe = torch.zeros(1, spec.in_channels, side, side)
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    model(probe).sum().backward()
+    for parameter in model.parameters():
+        if parameter.grad is None:
+            parameter.requires_grad_(False)
+        parameter.grad = None
+    model.train(was_training)
+
+
+def load_encoder_weights(model: nn.Module, path: Path) -> None:
+    """Load an encoder state dict from a local file; 3-channel first convolutions are summed to 1 channel.
+
+    Raises:
+        PelmarkError: the file is missing, unreadable, or matches none of the encoder's weights.
+    """
+    if not path.is_file():
+        raise PelmarkError("encoder weights file not found", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise PelmarkError(f"cannot read encoder weights: {error}", path) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PelmarkError("encoder weights file does not hold a state dict", path)
+    own = model.encoder.state_dict()
+    matched: dict[str, Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("encoder.")
+        if key not in own or not isinstance(value, Tensor):
+            continue
+        if value.ndim == 4 and own[key].ndim == 4 and value.shape[1] != own[key].shape[1] and own[key].shape[1] == 1:
+            value = value.sum(dim=1, keepdim=True)
+        if value.shape == own[key].shape:
+            matched[key] = value
+    if not matched:
+        raise PelmarkError("no tensor in the file matches the encoder's weights", path)
+    own.update(matched)
+    model.encoder.load_state_dict(own)
+
+
+def soft_argmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Paper eqs. 1-2: the softmax-weighted mean pixel of each heatmap.
+
+    Args:
+        logits: (B, L, H, W) heatmaps (logits, see the module docstring).
+        temperature: τ > 0.
+
+    Returns:
+        (B, L, 2) float32 points, x = column and y = row of pixel centres.
+    """
+    if temperature <= 0:
+        raise PelmarkError(f"the soft-argmax temperature must be positive, got {temperature}")
+    batch, landmarks, height, width = logits.shape
+    weights = torch.softmax(logits.float().reshape(batch, landmarks, -1) / temperature, dim=-1)
+    weights = weights.reshape(batch, landmarks, height, width)
+    cols = torch.arange(width, dtype=weights.dtype, device=weights.device)
+    rows = torch.arange(height, dtype=weights.dtype, device=weights.device)
+    x = (weights.sum(dim=2) * cols).sum(dim=-1)
+    y = (weights.sum(dim=3) * rows).sum(dim=-1)
+    return torch.stack([x, y], dim=-1)
+
+
+def hard_argmax(heatmaps: Tensor) -> Tensor:
+    """(B, L, 2) float32 location (x = column, y = row) of each heatmap's maximum, as the paper evaluates."""
+    batch, landmarks, height, width = heatmaps.shape
+    flat = heatmaps.reshape(batch, landmarks, -1).argmax(dim=-1)
+    return torch.stack([flat % width, flat // width], dim=-1).to(torch.float32)
