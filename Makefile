@@ -15,11 +15,20 @@ SEED ?= 0
 MANIFEST ?= $(PHANTOM_DIR)/manifest.toml
 STORE ?= $(OUT)/synth.zarr
 SYNTH_ARGS ?=
+RUNS ?= $(OUT)/runs
+TRAIN_ARGS ?=
+EVAL_OUT ?= $(OUT)/eval
+EVAL_ARGS ?=
+# Runs that `make eval` compares, in table order (those that exist).
+EVAL_STRATEGIES ?= baseline composite pel-only finetune
+EVAL_RUNS = $(foreach s,$(EVAL_STRATEGIES),$(if $(wildcard $(RUNS)/$(s)/run.json),$(RUNS)/$(s)))
+# Training settings come from MANIFEST's [train] table ([train.<strategy>] overrides it), then TRAIN_ARGS.
+TRAIN = $(PELMARK) train $(1) $(STORE) --out $(RUNS)/$(1) --config $(MANIFEST) --auto-resume $(TRAIN_ARGS)
 # The phantom manifest is made on demand only when it is the cohort in use.
 MANIFEST_DEP := $(if $(filter $(PHANTOM_DIR)/manifest.toml,$(MANIFEST)),$(PHANTOM_DIR)/manifest.toml)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo phantom synth train-baseline train-composite train-pel-only train-finetune eval paper bench test test-fast clean
+.PHONY: help install demo phantom synth preview train-baseline train-composite train-pel-only train-finetune eval paper bench test test-fast clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,9 +41,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install pelmark with its dependencies
 
-demo: synth ## The main job on the built-in phantom cohort: phantom CTs, DRR store, previews
-	$(PELMARK) synth preview $(STORE) --out $(OUT)/preview
-	@echo "cohort: $(PHANTOM_DIR)  store: $(STORE)  previews: $(OUT)/preview/*.png"
+demo: ## Everything on the built-in phantom cohort: CTs, DRRs, baseline, fine-tune, Table 1 and figures
+	$(MAKE) --no-print-directory synth preview
+	$(MAKE) --no-print-directory train-finetune
+	$(MAKE) --no-print-directory eval EVAL_STRATEGIES="baseline finetune"
+	@echo "cohort: $(PHANTOM_DIR)  store: $(STORE)  runs: $(RUNS)  results: $(EVAL_OUT) (table1.csv, figures)"
 
 phantom: $(PHANTOM_DIR)/manifest.toml ## Write the phantom pelvis cohort (CTs, landmarks, manifest, preview.png)
 
@@ -44,8 +55,29 @@ $(PHANTOM_DIR)/manifest.toml: | $(STAMP)
 synth: $(STAMP) $(MANIFEST_DEP) ## Render MANIFEST's DRRs into STORE (resumes; see pelmark synth --help)
 	$(PELMARK) synth $(MANIFEST) --out $(STORE) $(SYNTH_ARGS)
 
-train-baseline train-composite train-pel-only train-finetune eval paper: $(STAMP)
-	@echo "make $@: this stage arrives in a later version of pelmark" >&2; exit 2
+preview: $(STAMP) ## PNG montages of STORE's DRRs with their landmarks (check these first)
+	$(PELMARK) synth preview $(STORE) --out $(OUT)/preview
+
+train-baseline: synth ## U-Net with BCE (paper baseline) -> RUNS/baseline
+	$(call TRAIN,baseline)
+
+train-composite: synth ## BCE + λ·PEL from random weights -> RUNS/composite
+	$(call TRAIN,composite)
+
+train-pel-only: synth ## PEL alone from random weights -> RUNS/pel-only
+	$(call TRAIN,pel-only)
+
+train-finetune: train-baseline ## Fine-tune the baseline with PEL alone -> RUNS/finetune
+	$(call TRAIN,finetune) --init $(RUNS)/baseline
+
+eval: $(STAMP) ## Table 1 (CSV), per-image errors, pose metrics and figures of the runs in RUNS -> EVAL_OUT
+	@test -n "$(strip $(EVAL_RUNS))" || { echo "make eval: no runs in $(RUNS); train one first (make train-baseline)" >&2; exit 1; }
+	$(PELMARK) eval $(EVAL_RUNS) --store $(STORE) --out $(EVAL_OUT) --overwrite $(EVAL_ARGS)
+
+paper: ## The paper's whole protocol (GPU machine): make paper MANIFEST=your-cohort.toml
+	$(MAKE) --no-print-directory synth
+	$(MAKE) --no-print-directory train-baseline train-composite train-pel-only train-finetune
+	$(MAKE) --no-print-directory eval
 
 bench: $(STAMP) ## Run the benchmarks (they print numbers and a final JSON line each)
 	@for b in benchmarks/*_bench.py; do echo "== $$b"; OMP_NUM_THREADS=2 $(PY) $$b || exit 1; done

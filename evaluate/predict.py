@@ -165,7 +165,7 @@ def predict_split(
     if truth.size != run.config.size:
         raise PelmarkError(f"ground truth at size {truth.size} but the run's model size is {run.config.size}", run.run_dir)
     device = next(run.model.parameters()).device
-    dataset = StoreDataset(store_path, DataSettings(size=run.config.size, splits=(truth.split,)), indices=truth.rows)
+    dataset = StoreDataset(store_path, DataSettings(size=run.config.size, splits=(truth.split,), targets=False), indices=truth.rows)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     predicted, rows = [], []
     for batch in tqdm(loader, desc=f"{run.name} {truth.split.label}", unit="batch", disable=not progress, dynamic_ncols=True):

@@ -44,11 +44,6 @@ def reports_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def _not_yet(stage: str) -> None:
-    typer.echo(f"pelmark {stage}: not available in this version yet", err=True)
-    raise typer.Exit(code=2)
-
-
 @app.command()
 @reports_errors
 def phantom(
@@ -62,12 +57,13 @@ def phantom(
     beads: bool = typer.Option(False, "--beads", help="Also place small dense beads at the landmarks (geometry checks)."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a PNG of AP DRRs with landmarks."),
     synth_preset: str = typer.Option(
-        "demo", "--synth-preset", help="[synth] settings written into the manifest: demo (CPU-sized), paper, or none."
+        "demo", "--synth-preset", help="[synth] and [train] settings written into the manifest: demo (CPU-sized), paper, or none."
     ),
 ) -> None:
     """Write a cohort of procedural pelvis CTs with exactly known landmarks."""
     from pelmark.synth.phantom.cohort import CohortSettings, write_cohort
     from pelmark.synth.settings import SYNTH_PRESETS
+    from pelmark.train.presets import TRAIN_PRESETS
 
     if synth_preset != "none" and synth_preset not in SYNTH_PRESETS:
         raise PelmarkError(f"unknown --synth-preset '{synth_preset}' (demo, paper or none)")
@@ -80,6 +76,7 @@ def phantom(
         beads=beads,
         preview=preview,
         synth=None if synth_preset == "none" else SYNTH_PRESETS[synth_preset],
+        train=None if synth_preset == "none" else TRAIN_PRESETS[synth_preset],
     )
     manifest = write_cohort(out, settings)
     typer.echo(f"wrote {manifest}")
@@ -192,11 +189,15 @@ def train(
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [2]."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N [auto]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    auto_resume: bool = typer.Option(
+        False, "--auto-resume", help="Start, or resume an unfinished run in --out; a finished run is left as it is."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a landmark heatmap model from a synth store with one of the paper's four strategies."""
     from pelmark.train.config import read_train_table, resolve_config
+    from pelmark.train.loop import existing_run_state
     from pelmark.train.loop import train as run_training
 
     table = read_train_table(config) if config is not None else {}
@@ -207,6 +208,14 @@ def train(
         temperature=temperature, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
     )
     resolved = resolve_config(strategy, table, overrides, config)
+    if auto_resume and not overwrite:
+        found = existing_run_state(out)
+        if found in ("COMPLETE", "DIV"):
+            typer.echo(f"{out}: already {found}; left as it is (--overwrite trains it again)")
+            return
+        resume = resume or found is not None
+        # A run killed before its first checkpoint has nothing to resume: start it again.
+        overwrite = found is None and (out / "run.json").is_file()
     report = run_training(resolved, store, out, resume=resume, overwrite=overwrite, progress=progress)
     best = "n/a" if report.best_val_rmse_px == float("inf") else f"{report.best_val_rmse_px:.2f} px"
     if report.status.value == "DIV":

@@ -94,10 +94,10 @@ class SynthSettings:
         return values
 
 
-# Named [synth] tables a generated manifest can carry. "demo" keeps the paper's pose ranges and its
-# ~30 cm field of view, on a 256² detector and 40 views per CT, so a 2-core CPU renders a cohort in minutes.
+# Named [synth] tables a generated manifest can carry. "demo" keeps the paper's pose ranges, view counts
+# and ~30 cm field of view on a 128² detector, so a 2-core CPU renders a 6-CT cohort in about a minute.
 SYNTH_PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {"views": 40, "height": 256, "pixel_spacing": 1.164, "novel_views": 8},
+    "demo": {"views": 100, "height": 128, "pixel_spacing": 2.328, "novel_views": 20},
     "paper": {"views": 100, "height": 768, "pixel_spacing": 0.388, "novel_views": 20},
 }
 

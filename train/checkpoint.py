@@ -152,7 +152,8 @@ def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "c
     if not path.is_file():
         if status is RunStatus.DIV:
             return TrainedRun(run_dir, run_dir.name, status, config, names, None, info)
-        raise PelmarkError(f"run has no {which} checkpoint", path)
+        wanted = "best.pt or last.pt" if which == "best" else f"{which}.pt"
+        raise PelmarkError(f"run has no checkpoint ({wanted})", run_dir / "checkpoints")
     state = load_checkpoint(path)
     model = build_model(dataclasses.replace(ModelSpec.from_dict(state["model_spec"]), encoder_weights=None))
     model.load_state_dict(state["model"])

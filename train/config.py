@@ -84,6 +84,8 @@ class TrainConfig:
         solver: the registration inside PEL: lm (converged, implicit gradient) or the paper's adam / lbfgs.
         temperature: soft-argmax τ on the logits (see :mod:`pelmark.train.model`).
         val_fraction: share of the train split's images held out to choose the best checkpoint.
+        bn_recalibration_images: training images over which BatchNorm's statistics are recomputed
+            before each validation and checkpoint ("precise BN"; 0 = keep the running averages).
         seed: seeds the weights, the data order and the augmentation (paper 42).
         workers: DataLoader worker processes.
         device: auto (CUDA if present), cpu, cuda or cuda:N.
@@ -114,6 +116,7 @@ class TrainConfig:
     solver: Solver = Solver.LM
     temperature: float = 1.0
     val_fraction: float = 0.1
+    bn_recalibration_images: int = 256
     seed: int = 42
     workers: int = 2
     device: str = "auto"
@@ -136,6 +139,8 @@ class TrainConfig:
             problems.append("pos_weight must be positive")
         if not self.lr > 0 or not self.temperature > 0 or self.pel_weight < 0:
             problems.append("need lr > 0, temperature > 0 and pel_weight >= 0")
+        if self.bn_recalibration_images < 0:
+            problems.append("bn_recalibration_images must not be negative")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append("val_fraction must be in [0, 1)")
         if self.divergence_factor <= 1.0 or self.divergence_warmup < 1 or self.checkpoint_every < 0:

@@ -52,6 +52,7 @@ class CohortSettings:
         preview: write ``preview.png``.
         bead_radius_vox: bead radius in voxels.
         synth: an optional ``[synth]`` table for the manifest.
+        train: an optional ``[train]`` table for the manifest.
     """
 
     n_subjects: int = 6
@@ -62,6 +63,7 @@ class CohortSettings:
     preview: bool = True
     bead_radius_vox: float = 1.5
     synth: Mapping[str, Any] | None = None
+    train: Mapping[str, Any] | None = None
 
     def novel_count(self) -> int:
         if self.n_novel_subjects is not None:
@@ -152,7 +154,7 @@ def write_cohort(out: Path, settings: CohortSettings) -> Path:
             panels.append(render_panel(f"{sid} ({role.value})", ct, landmarks_world, preview_camera(ct)))
 
     manifest = out / "manifest.toml"
-    write_manifest(manifest, DATASET_NAME, PAPER_LANDMARKS, subjects, synth=settings.synth)
+    write_manifest(manifest, DATASET_NAME, PAPER_LANDMARKS, subjects, synth=settings.synth, train=settings.train)
     record = {"settings": _jsonable(dataclasses.asdict(settings)), "subjects": shapes}
     write_text_atomic(out / "phantom.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     if settings.preview:
