@@ -37,7 +37,8 @@ import torch
 
 from pelmark.evaluate.units import model_to_detector_px
 from pelmark.evaluate.predict import Predictions
-from pelmark.geometry import Camera, transform_points
+from pelmark.geometry import Camera
+from pelmark.registration import target_registration_errors
 
 # mTRE thresholds (mm) of the success rates. 10 mm is the usual bar for a
 # usable 2D/3D initialisation of intensity-based registration; 5 mm a tight one.
@@ -92,16 +93,8 @@ def success_key(threshold_mm: float) -> str:
     return f"success_{threshold_mm:g}mm"
 
 
-def mean_target_registration_error(pose_est: torch.Tensor, pose_true: torch.Tensor, points_world_mm: torch.Tensor) -> torch.Tensor:
-    """(N,) mean over the points of ``|T_est p - T_true p|`` (mm).
-
-    Args:
-        pose_est, pose_true: (N, 6) poses θ.
-        points_world_mm: (N, L, 3) world points.
-    """
-    moved_est = transform_points(pose_est, points_world_mm)
-    moved_true = transform_points(pose_true, points_world_mm)
-    return (moved_est - moved_true).norm(dim=-1).mean(-1)
+# Per-image mTRE (mm), shared with the DeepFluoro PnP baseline.
+mean_target_registration_error = target_registration_errors
 
 
 def register_detector_points(

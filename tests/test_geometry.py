@@ -187,3 +187,24 @@ def test_rotation_angle_deg():
     b = torch.tensor([[0.0, 0.0, math.radians(30.0), 5.0, 0.0, 0.0]], dtype=F64)
     assert g.rotation_angle_deg(a, b).item() == pytest.approx(30.0)
     assert g.rotation_angle_deg(b, b).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pa_view_poses_turn_the_patient_about_the_superior_axis():
+    """With no random part, a PA pose is 180° about z: the patient's right goes to the image's right side."""
+    ap = g.sample_poses(3, 0.0, 0.0, np.random.default_rng(0))
+    pa = g.sample_poses(3, 0.0, 0.0, np.random.default_rng(0), view="pa")
+    np.testing.assert_allclose(ap, 0.0)
+    R = g.rodrigues(torch.from_numpy(pa[:, :3]))
+    torch.testing.assert_close(R, g.nominal_rotation("pa").expand(3, 3, 3))
+    camera = g.Camera.centered(64, 64, spacing_mm=4.0)
+    right = torch.tensor([[[50.0, 0.0, 0.0]]], dtype=torch.float64).expand(2, 1, 3)  # RAS: +x is the patient's right
+    columns = g.project(right, torch.from_numpy(np.stack([ap[0], pa[0]])), camera)[:, 0, 0]
+    assert columns[0] < 31.5 < columns[1]  # left half of the image in AP (radiological), right half in PA
+    # The random part is the same draw in both views.
+    a = g.sample_poses(4, 30.0, 10.0, np.random.default_rng(1))
+    b = g.sample_poses(4, 30.0, 10.0, np.random.default_rng(1), view="pa")
+    np.testing.assert_allclose(a[:, 3:], b[:, 3:])
+    torch.testing.assert_close(
+        g.rodrigues(torch.from_numpy(b[:, :3])),
+        g.rodrigues(torch.from_numpy(a[:, :3])) @ g.nominal_rotation("pa"),
+    )

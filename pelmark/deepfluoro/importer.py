@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pelmark.deepfluoro.convert import (
     CameraConversion,
@@ -48,7 +49,7 @@ from pelmark.deepfluoro.convert import (
 )
 from pelmark.deepfluoro.layout import DeepFluoroFile, SpecimenIndex
 from pelmark.errors import PelmarkError
-from pelmark.geometry import Camera
+from pelmark.geometry import Camera, nominal_rotation, rodrigues
 
 PADDING_SPLIT = 255
 """Split code of the padding rows that even out specimens' projection counts; no reader selects it."""
@@ -422,7 +423,22 @@ def _synth_table(plan: _Plan) -> dict[str, Any]:
     # synth's camera is square-pixelled and centred; only then can it match the store's.
     if abs(camera.spacing_x_mm - camera.spacing_y_mm) <= 1e-9 * camera.spacing_x_mm:
         table.update(height=camera.height, width=camera.width, pixel_spacing=camera.spacing_x_mm)
+    # Source under the table: the X-rays are posterior-anterior, so the DRRs must be too.
+    if nominal_view(plan) == "pa":
+        table["view"] = "pa"
     return table
+
+
+def nominal_view(plan: _Plan) -> str:
+    """``pa`` when most X-rays are nearer the PA view than the AP one, else ``ap``."""
+    poses = torch.as_tensor(np.stack([item.pose for items in plan.converted.values() for item in items]))
+    rotation = rodrigues(poses[:, :3].to(torch.float64))
+    # Angle from the PA view: the geodesic distance between R and R_PA.
+    relative = rotation @ nominal_rotation("pa").T
+    cos = ((relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    from_pa = torch.rad2deg(torch.arccos(cos))
+    from_ap = torch.rad2deg(poses[:, :3].norm(dim=-1))
+    return "pa" if float((from_pa < from_ap).float().mean()) > 0.5 else "ap"
 
 
 def _settings_attribute(plan: _Plan, settings: ImportSettings, views: int) -> dict[str, Any]:

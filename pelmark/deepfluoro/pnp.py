@@ -24,8 +24,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from pelmark.geometry import Camera, rotation_angle_deg, transform_points
-from pelmark.registration import RansacSettings, RegistrationSettings, register_robust
+from pelmark.geometry import Camera, rotation_angle_deg
+from pelmark.registration import RansacSettings, RegistrationSettings, register_robust, target_registration_errors
 from pelmark.types import Landmarks2D, Landmarks3D, Pose, Weights
 
 DEFAULT_SUCCESS_MTRE_MM = 10.0
@@ -92,19 +92,6 @@ class PnPEvaluation:
             degenerate_rate=float(self.degenerate.double().mean()) if n else float("nan"),
         )
         return values
-
-
-def target_registration_errors(pose_est: Pose, pose_true: Pose, points_world_mm: Landmarks3D) -> Tensor:
-    """(B,) mean over points of ``|T_est p - T_true p|`` (mm), per sample.
-
-    Args:
-        pose_est: (B, 6) estimated θ.
-        pose_true: (B, 6) true θ.
-        points_world_mm: (B, L, 3) or (L, 3) target points in the world frame.
-    """
-    moved_est = transform_points(pose_est, points_world_mm)
-    moved_true = transform_points(pose_true, points_world_mm)
-    return (moved_est - moved_true).norm(dim=-1).mean(-1)
 
 
 def register_pnp(

@@ -16,6 +16,7 @@ from pelmark.registration.losses import (
     pose_errors,
     pose_geodesic_loss,
     pose_loss,
+    target_registration_errors,
 )
 from pelmark.registration.options import (
     AdamSettings,
@@ -49,4 +50,5 @@ __all__ = [
     "pose_loss",
     "register",
     "register_robust",
+    "target_registration_errors",
 ]

@@ -85,9 +85,20 @@ def mtre_loss(pose_est: Pose, pose_true: Pose, points_world_mm: Landmarks3D) -> 
     Returns:
         Scalar mean distance in mm.
     """
+    return target_registration_errors(pose_est, pose_true, points_world_mm).mean()
+
+
+def target_registration_errors(pose_est: Pose, pose_true: Pose, points_world_mm: Landmarks3D) -> Tensor:
+    """(B,) per-sample mean target registration error (mm): mean_i |T_est p_i - T_true p_i|.
+
+    Args:
+        pose_est: (B, 6) estimated poses.
+        pose_true: (B, 6) true poses.
+        points_world_mm: (B, L, 3) or (L, 3) target points in the world frame.
+    """
     moved_est = transform_points(pose_est, points_world_mm)
     moved_true = transform_points(pose_true, points_world_mm)
-    return _safe_sqrt((moved_est - moved_true).square().sum(-1)).mean()
+    return _safe_sqrt((moved_est - moved_true).square().sum(-1)).mean(-1)
 
 
 def pose_loss(

@@ -99,6 +99,8 @@ def test_import_writes_a_complete_folder(imported):
     assert report["mirror_columns"] is True
     # The fixture is a PA view (source posterior): ~180° from pelmark's nominal AP.
     assert report["rotation_from_nominal_ap_deg"]["min"] > 150.0
+    # ...so the manifest asks synth for DRRs around the PA view, like the real X-rays.
+    assert load_manifest(summary.manifest).synth["view"] == "pa"
     assert "conversion check" in summary.lines()[1]
 
 
