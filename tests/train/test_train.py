@@ -327,3 +327,11 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_two_micro_batches(stor
     print(f"largest weight change {moved:.3g}, largest DDP/single difference {worst:.3g}")
     assert moved > 1e-3  # the runs trained
     assert worst < 1e-3 * moved
+
+
+@pytest.mark.gpu
+def test_cuda_run_with_bf16_autocast(store, tmp_path):
+    for strategy in (Strategy.BASELINE, Strategy.COMPOSITE):
+        report = loop_mod.train(_config(strategy, device="cuda", max_steps=2, divergence_factor=1e12), store, tmp_path / strategy.value, progress=False)
+        assert report.status is RunStatus.COMPLETE
+        assert json.loads((tmp_path / strategy.value / "run.json").read_text())["device"].startswith("cuda")
