@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from pelmark.devices import resolve_device
 from pelmark.train.config import Strategy, TrainConfig
 from pelmark.train.data import DataSettings, StoreDataset
 from pelmark.train.loop import Distributed, Trainer
@@ -87,8 +88,6 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=args.batch_size, workers=args.workers, device=args.device, val_fraction=0.0,
             divergence_factor=1e30,
         )
-        from pelmark.train.loop import resolve_device
-
         device = resolve_device(args.device)
         trainer = Trainer(config, store, Path(tmp) / "run", Distributed(0, 1, device), progress=False)
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pelmark.devices import resolve_device
 from pelmark.errors import PelmarkError
 from pelmark.evaluate.units import Unit, point_errors
 from pelmark.geometry import Camera
@@ -127,18 +128,6 @@ class Predictions:
         """(N, L) error per unit; NaN where the landmark is not visible (left out of every metric)."""
         errors = point_errors(self.predicted_px, self.truth.true_px, self.truth.model_camera, self.truth.store_camera)
         return {unit: np.where(self.truth.visible, value, np.nan) for unit, value in errors.items()}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PelmarkError(f"device '{name}' asked for, but CUDA is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise PelmarkError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)") from None
 
 
 @torch.no_grad()

@@ -38,7 +38,8 @@ import numpy as np
 from pelmark.errors import PelmarkError
 from pelmark.evaluate.figures import write_error_cdf, write_per_landmark_error, write_samples
 from pelmark.evaluate.pose import SUCCESS_THRESHOLDS_MM, Registration, pose_metrics
-from pelmark.evaluate.predict import Predictions, SplitTruth, predict_split, read_truth, resolve_device, split_rows
+from pelmark.devices import resolve_device
+from pelmark.evaluate.predict import Predictions, SplitTruth, predict_split, read_truth, split_rows
 from pelmark.evaluate.reference import REFERENCE_NAME, MeanPosition, fit_mean_position, predict_mean_position
 from pelmark.evaluate.tables import (
     TABLE_FILES,

@@ -50,14 +50,10 @@ class SynthReport:
     n_images: int
 
 
-def resolve_device(device: str) -> str:
-    import torch
+def _device(name: str):
+    from pelmark.devices import resolve_device  # torch is imported lazily in this module
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PelmarkError(f"--device {device} was asked for, but no CUDA device is available")
-    return device
+    return resolve_device(name)
 
 
 # ---------------------------------------------------------------- one subject
@@ -105,7 +101,7 @@ def render_subject(
     landmarks_world = ct.ras_to_world(load_landmarks(job.subject.landmarks, job.landmark_names))
     data = subject_geometry(job, settings, landmarks_world)
 
-    renderer = DRRRenderer(ct, settings.camera, settings.render, device=resolve_device(settings.device))
+    renderer = DRRRenderer(ct, settings.camera, settings.render, device=_device(settings.device))
     rows = layout.rows(job.index)
     images = group["images"]
     for start in range(0, settings.views, settings.batch_size):
@@ -236,7 +232,7 @@ def run_synth(
     """
     manifest = load_manifest(manifest_path)
     settings = resolve_settings(manifest.synth, overrides, manifest.path)
-    resolve_device(settings.device)
+    _device(settings.device)  # fail before anything is written
     subjects = check_inputs(manifest, progress)
     attributes = store_attributes(manifest, settings, subjects)
     out = Path(out)

@@ -51,6 +51,15 @@ def write_bead_cohort(root: Path, n_subjects: int = 3, synth: dict | None = None
     return manifest
 
 
+def write_bead_store(root: Path) -> Path:
+    """``root/store.zarr``: the default bead cohort synthesised (3 subjects, the last novel_subject, 4 views of 48²)."""
+    from pelmark.synth.pipeline import run_synth
+
+    out = root / "store.zarr"
+    run_synth(write_bead_cohort(root), out, {"scheduler": "sync"}, progress=False)
+    return out
+
+
 def centroid_errors(image, points_px, window: int = 3) -> list[float]:
     """Distance (px) between each isolated, on-detector point and the intensity centroid around it."""
     import torch

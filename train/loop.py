@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pelmark.devices import resolve_device
 from pelmark.errors import PelmarkError
 from pelmark.seeding import numpy_generator
 from pelmark.synth.poses import Split
@@ -100,19 +101,6 @@ class _State:
 
 class Diverged(Exception):
     """Raised inside a step; the loop records DIV."""
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PelmarkError(f"device '{name}' asked for, but CUDA is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise PelmarkError(f"unknown device '{name}' (auto, cpu, cuda or cuda:N)") from None
 
 
 def setup_distributed(config: TrainConfig) -> Distributed:
@@ -211,6 +199,8 @@ class Trainer:
         self.data_settings = dataclasses.replace(data, augment=config.augment)
         self.train_set = StoreDataset(store, self.data_settings, indices=train_rows)
         self.val_set = StoreDataset(store, dataclasses.replace(data, targets=False), indices=val_rows) if len(val_rows) else None
+        # The training images as they are, for BatchNorm's statistics (see recalibrate_batchnorm).
+        self.calibration_set = StoreDataset(store, dataclasses.replace(data, targets=False), indices=train_rows)
         self.reference_camera = self.train_set.model_camera(CropParams(0, 0, self.train_set.camera.height, self.train_set.camera.width))
         self.steps_per_epoch = len(epoch_batches(len(self.train_set), config.batch_size, config.seed, 0))
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -392,8 +382,7 @@ class Trainer:
         positions = np.sort(numpy_generator(self.config.seed, "bn-recalibration").permutation(len(self.train_set))[:count])
         size = self.config.batch_size
         batches = [positions[i : i + size].tolist() for i in range(0, count, size)]
-        calibration = dataclasses.replace(self.train_set.settings, augment=False, targets=False)
-        dataset = StoreDataset(self.store, calibration, indices=self.train_set.rows)
+        dataset = self.calibration_set
         self.model.train()
         for batch in self._batches(dataset, batches):
             if len(batch["image"]) < 2:
@@ -557,9 +546,7 @@ def _loop(trainer: Trainer, steps_log, epochs_log, board, after_step, created) -
                 try:
                     row = trainer.step(batch)
                 except Diverged as error:
-                    # The last good state is already on disk (``last.pt``); the diverged weights are not kept.
-                    if dist.main:
-                        write_run_json(trainer.run_dir, _run_info(trainer, RunStatus.DIV, f"step {state.step + 1}: {error}", created))
+                    # ``last.pt`` keeps the latest checkpoint from before the divergence; train() records DIV in run.json.
                     return RunStatus.DIV, f"step {state.step + 1}: {error}"
                 state.step += 1
                 state.step_in_epoch += 1

@@ -49,7 +49,7 @@ from pelmark.deepfluoro.convert import (
 )
 from pelmark.deepfluoro.layout import DeepFluoroFile, SpecimenIndex
 from pelmark.errors import PelmarkError
-from pelmark.geometry import Camera, nominal_rotation, rodrigues
+from pelmark.geometry import Camera, nominal_rotation, rotation_angle_deg, rotation_to_rotvec
 
 PADDING_SPLIT = 255
 """Split code of the padding rows that even out specimens' projection counts; no reader selects it."""
@@ -430,15 +430,13 @@ def _synth_table(plan: _Plan) -> dict[str, Any]:
 
 
 def nominal_view(plan: _Plan) -> str:
-    """``pa`` when most X-rays are nearer the PA view than the AP one, else ``ap``."""
+    """``pa`` when most X-rays are nearer the PA view than the AP one, else ``ap`` (geodesic rotation angles)."""
     poses = torch.as_tensor(np.stack([item.pose for items in plan.converted.values() for item in items]))
-    rotation = rodrigues(poses[:, :3].to(torch.float64))
-    # Angle from the PA view: the geodesic distance between R and R_PA.
-    relative = rotation @ nominal_rotation("pa").T
-    cos = ((relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
-    from_pa = torch.rad2deg(torch.arccos(cos))
-    from_ap = torch.rad2deg(poses[:, :3].norm(dim=-1))
-    return "pa" if float((from_pa < from_ap).float().mean()) > 0.5 else "ap"
+    nominal = {view: torch.cat([rotation_to_rotvec(nominal_rotation(view)), torch.zeros(3, dtype=torch.float64)])
+               for view in ("ap", "pa")}
+    from_ap = rotation_angle_deg(poses, nominal["ap"].expand_as(poses))
+    from_pa = rotation_angle_deg(poses, nominal["pa"].expand_as(poses))
+    return "pa" if float((from_pa < from_ap).double().mean()) > 0.5 else "ap"
 
 
 def _settings_attribute(plan: _Plan, settings: ImportSettings, views: int) -> dict[str, Any]:

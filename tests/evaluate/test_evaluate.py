@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cohort_fixtures import NAMES, write_bead_cohort
+from cohort_fixtures import NAMES, write_bead_store
 from pelmark.cli import app
 from pelmark.errors import PelmarkError
 from pelmark.evaluate.pose import (
@@ -29,7 +29,6 @@ from pelmark.evaluate.runner import EvalSettings, check_out, evaluate_runs, pars
 from pelmark.evaluate.tables import format_table, table_row, table_text, diverged_row
 from pelmark.evaluate.units import Unit, point_errors
 from pelmark.geometry import Camera
-from pelmark.synth.pipeline import run_synth
 from pelmark.synth.poses import Split
 from pelmark.synth.store import open_store
 from pelmark.train.config import Strategy, TrainConfig
@@ -45,10 +44,7 @@ CPU = dict(progress=False, device="cpu", workers=0)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """3 bead subjects (the last novel_subject) x 4 views of 48 x 48 (4 mm pixels); 1 novel view per train subject."""
-    root = tmp_path_factory.mktemp("cohort")
-    out = root / "store.zarr"
-    run_synth(write_bead_cohort(root), out, {"scheduler": "sync"}, progress=False)
-    return out
+    return write_bead_store(tmp_path_factory.mktemp("cohort"))
 
 
 @pytest.fixture(scope="module")

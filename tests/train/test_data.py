@@ -12,10 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cohort_fixtures import write_bead_cohort
+from cohort_fixtures import write_bead_store
 from pelmark import geometry
 from pelmark.errors import PelmarkError
-from pelmark.synth.pipeline import run_synth
 from pelmark.synth.poses import Split
 from pelmark.synth.store import open_store
 from pelmark.train import data as data_mod
@@ -34,10 +33,7 @@ AUG = dict(augment=True, crop_scale=(0.6, 0.9), max_shift_frac=0.2)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """3 bead subjects (the last novel_subject) x 4 views of 48 x 48."""
-    root = tmp_path_factory.mktemp("cohort")
-    out = root / "store.zarr"
-    run_synth(write_bead_cohort(root), out, {"scheduler": "sync"}, progress=False)
-    return out
+    return write_bead_store(tmp_path_factory.mktemp("cohort"))
 
 
 def _copy(store: Path, tmp_path: Path) -> Path:

@@ -13,11 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cohort_fixtures import write_bead_cohort
+from cohort_fixtures import write_bead_store
 from pelmark.cli import app
 from pelmark.errors import PelmarkError
 from pelmark.geometry import Camera
-from pelmark.synth.pipeline import run_synth
 from pelmark.synth.store import open_store
 from pelmark.train import loop as loop_mod
 from pelmark.train.checkpoint import checkpoint_path, load_checkpoint, load_run, save_atomic
@@ -32,10 +31,7 @@ TINY = dict(size=32, encoder="resnet18", encoder_depth=3, batch_size=2, workers=
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """3 bead subjects (the last novel_subject) x 4 views of 48 x 48: 8 train images."""
-    root = tmp_path_factory.mktemp("cohort")
-    out = root / "store.zarr"
-    run_synth(write_bead_cohort(root), out, {"scheduler": "sync"}, progress=False)
-    return out
+    return write_bead_store(tmp_path_factory.mktemp("cohort"))
 
 
 def _config(strategy: Strategy = Strategy.BASELINE, **changes) -> TrainConfig:
