@@ -366,7 +366,7 @@ class Trainer:
         The running averages that BatchNorm keeps during training mix statistics of
         weights from many steps ago; with a learning rate that moves the weights
         quickly they no longer match the network, and eval-mode predictions
-        degrade badly (on the demo: 50 px against 12 px with batch statistics).
+        degrade badly (the demo's baseline: 41.2 / 34.1 px without this, 20.1 / 16.8 px with it).
         This is "precise BatchNorm" (Wu & Johnson, 2021): reset the statistics and
         average them, with equal weights, over ``bn_recalibration_images`` images
         of the training set (a fixed, seeded choice, without augmentation).
