@@ -3,8 +3,13 @@
 The predicted landmarks (model px) are mapped to the store's detector pixels
 and registered with :func:`pelmark.registration.register` (``lm``, "plain")
 and :func:`pelmark.registration.register_robust` (RANSAC, then lm on the
-inliers: "robust"). Only landmarks visible in the ground truth take part
-(weight 1; the others weight 0), as for the landmark errors.
+inliers: "robust"). In the plain registration the landmarks visible in the
+ground truth take part (weight 1; the others weight 0), as for the landmark
+errors. In the robust one, the landmarks the model itself finds vote
+(:meth:`Predictions.found`: heatmap peak probability >= 0.5 and argmax in the
+image), so that its pose uses no ground truth; it is also the pose behind
+``pelmark eval --refine`` (:mod:`pelmark.evaluate.refine`). A predictor
+without heatmaps (the mean-position reference) votes with its visible landmarks.
 
 Per image:
     rotation error
@@ -63,6 +68,10 @@ class PoseErrors:
         registration: plain or robust.
         rotation_deg, translation_mm, mtre_mm: (N,) errors.
         degenerate: (N,) the registration could not be trusted.
+        pose: (N, 6) estimated poses θ (a degenerate one holds its start).
+        votes: (N, L) the landmarks that took part.
+        inliers: (N, L) the landmarks the final fit used (robust: RANSAC's
+            inliers; plain: the votes).
     """
 
     registration: Registration
@@ -70,6 +79,9 @@ class PoseErrors:
     translation_mm: np.ndarray
     mtre_mm: np.ndarray
     degenerate: np.ndarray
+    pose: np.ndarray | None = None
+    votes: np.ndarray | None = None
+    inliers: np.ndarray | None = None
 
     def success(self, threshold_mm: float) -> np.ndarray:
         """(N,) mTRE below ``threshold_mm`` and not degenerate."""
@@ -126,24 +138,33 @@ def register_detector_points(
     with torch.no_grad():
         for start in range(0, len(landmarks), CHUNK_IMAGES):
             chunk = slice(start, start + CHUNK_IMAGES)
+            votes = weights_t[chunk] > 0
             if registration is Registration.PLAIN:
                 result = register(landmarks[chunk], weights_t[chunk], points[chunk], camera, solver="lm")
+                inliers = votes
             else:
-                result = register_robust(landmarks[chunk], weights_t[chunk], points[chunk], camera).result
+                robust = register_robust(landmarks[chunk], weights_t[chunk], points[chunk], camera)
+                result, inliers = robust.result, robust.inliers
             pose = result.pose.to(torch.float64)
             rotation, translation = pose_errors(pose, truth[chunk])
             mtre = mean_target_registration_error(pose, truth[chunk], points[chunk])
-            parts.append((rotation, translation, mtre, result.degenerate))
+            parts.append((rotation, translation, mtre, result.degenerate, pose, votes, inliers))
     if not parts:
-        empty = np.zeros(0)
-        return PoseErrors(registration, empty, empty, empty, np.zeros(0, dtype=bool))
-    rotation, translation, mtre, degenerate = (torch.cat(values).numpy() for values in zip(*parts))
-    return PoseErrors(registration, rotation, translation, mtre, degenerate.astype(bool))
+        empty, none = np.zeros(0), np.zeros((0, landmarks.shape[1]), dtype=bool)
+        return PoseErrors(registration, empty, empty, empty, np.zeros(0, dtype=bool), np.zeros((0, 6)), none, none)
+    rotation, translation, mtre, degenerate, pose, votes, inliers = (torch.cat(values).numpy() for values in zip(*parts))
+    return PoseErrors(
+        registration, rotation, translation, mtre, degenerate.astype(bool), pose, votes.astype(bool), inliers.astype(bool)
+    )
 
 
 def pose_metrics(predictions: Predictions, registration: Registration) -> PoseErrors:
-    """Register a predictor's landmarks on one split (see the module docstring)."""
+    """Register a predictor's landmarks on one split (see the module docstring for which landmarks vote)."""
     truth = predictions.truth
     detector_px = model_to_detector_px(predictions.predicted_px, truth.model_camera, truth.store_camera)
-    weights = (truth.visible & np.isfinite(detector_px).all(-1)).astype(np.float64)
+    if registration is Registration.ROBUST and predictions.peak_probability is not None:
+        voting = predictions.found()
+    else:
+        voting = truth.visible
+    weights = (voting & np.isfinite(detector_px).all(-1)).astype(np.float64)
     return register_detector_points(detector_px, weights, truth.landmarks_3d, truth.poses, truth.store_camera, registration)

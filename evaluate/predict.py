@@ -3,9 +3,10 @@
 Everything here lives at model resolution: a run of size S sees each
 store image resized to S x S (no crop, no augmentation), through the camera
 ``store_camera.resized(S, S)``, exactly as in training. Predictions are the
-argmax of each landmark's heatmap, as the paper evaluates; the logits are
-computed in float32 (no autocast) so that nearly equal pixels are not tied
-by a coarse dtype.
+argmax of each landmark's heatmap, as the paper evaluates, with the sigmoid
+of the heatmap's peak (the model's confidence); the logits are computed in
+float32 (no autocast) so that nearly equal pixels are not tied by a coarse
+dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from pelmark.synth.store import open_store
 from pelmark.train.checkpoint import TrainedRun
 from pelmark.train.data import DataSettings, StoreDataset
 from pelmark.train.model import hard_argmax
+
+
+# A landmark is found when the sigmoid of its heatmap's peak reaches 0.5: the
+# BCE-trained model's own pixel decision ("this pixel is on the landmark"), a
+# fixed rule that is not tuned on any split.
+FOUND_PROBABILITY = 0.5
 
 
 def split_rows(group, split: Split) -> np.ndarray:
@@ -118,11 +125,25 @@ class Predictions:
         model: the predictor's name (a run folder's name, or the reference's).
         truth: the split's ground truth at the predictor's model size.
         predicted_px: (N, L, 2) predicted landmarks in model px.
+        peak_probability: (N, L) sigmoid of each heatmap's largest logit (the
+            BCE-trained model's probability that its argmax is on the
+            landmark); None for a predictor without heatmaps.
     """
 
     model: str
     truth: SplitTruth
     predicted_px: np.ndarray
+    peak_probability: np.ndarray | None = None
+
+    def found(self) -> np.ndarray:
+        """(N, L) the landmarks the model itself detects: peak probability >= :data:`FOUND_PROBABILITY`
+        and the argmax inside the image (always, for a heatmap argmax). All of them for a
+        predictor without heatmaps (it has no way to say a landmark is absent).
+        """
+        inside = self.truth.model_camera.contains(torch.from_numpy(np.asarray(self.predicted_px, dtype=np.float64))).numpy()
+        if self.peak_probability is None:
+            return inside
+        return inside & (self.peak_probability >= FOUND_PROBABILITY)
 
     def errors(self) -> dict[Unit, np.ndarray]:
         """(N, L) error per unit; NaN where the landmark is not visible (left out of every metric)."""
@@ -156,7 +177,7 @@ def predict_split(
     device = next(run.model.parameters()).device
     dataset = StoreDataset(store_path, DataSettings(size=run.config.size, splits=(truth.split,), targets=False), indices=truth.rows)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
-    predicted, rows = [], []
+    predicted, peaks, rows = [], [], []
     for batch in tqdm(loader, desc=f"{run.name} {truth.split.label}", unit="batch", disable=not progress, dynamic_ncols=True):
         logits = run.model(batch["image"].to(device, non_blocking=True)).float()
         if logits.shape[1] != truth.true_px.shape[1]:
@@ -164,7 +185,8 @@ def predict_split(
                 f"model predicts {logits.shape[1]} landmarks, the store has {truth.true_px.shape[1]}", run.run_dir
             )
         predicted.append(hard_argmax(logits).cpu().numpy().astype(np.float64))
+        peaks.append(torch.sigmoid(logits.flatten(2).amax(-1)).cpu().numpy().astype(np.float64))
         rows.append(np.asarray(batch["index"]))
     if not np.array_equal(np.concatenate(rows), truth.rows):
         raise RuntimeError("predictions came back in another order than the store rows")
-    return Predictions(model=run.name, truth=truth, predicted_px=np.concatenate(predicted))
+    return Predictions(run.name, truth, np.concatenate(predicted), peak_probability=np.concatenate(peaks))

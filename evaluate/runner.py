@@ -12,10 +12,17 @@ What is written into OUT
     ``table1_mm_isocentre.csv`` (same shape, other units; see
     :mod:`pelmark.evaluate.units`); ``per_image.csv`` (every image and
     landmark of every predictor); ``pose.csv`` and ``pose_per_image.csv``
-    (see :mod:`pelmark.evaluate.pose`); the figures of
+    (see :mod:`pelmark.evaluate.pose`); ``table1_ci.csv``,
+    ``comparison.csv`` and ``robust.csv`` (bootstrap intervals, paired
+    comparisons with the first run, robust error figures; see
+    :mod:`pelmark.evaluate.stat_tables`); the figures of
     :mod:`pelmark.evaluate.figures`; ``summary.json`` with all of it, the
     landmark behind each ``Lk`` column, invisible-landmark counts, run
     statuses and the store's fingerprint.
+Refined rows
+    With ``refine``, each run gets a ``<run>+reg`` row in every table
+    (:mod:`pelmark.evaluate.refine`), from the robust registration already
+    computed for ``pose.csv``.
 Diverged runs
     A run whose ``run.json`` says ``DIV`` is not evaluated (as in the paper,
     its row reads ``DIV``), whether or not it left weights from before the
@@ -37,10 +44,28 @@ import numpy as np
 
 from pelmark.errors import PelmarkError
 from pelmark.evaluate.figures import write_error_cdf, write_per_landmark_error, write_samples
-from pelmark.evaluate.pose import SUCCESS_THRESHOLDS_MM, Registration, pose_metrics
+from pelmark.evaluate.pose import SUCCESS_THRESHOLDS_MM, PoseErrors, Registration, pose_metrics
 from pelmark.devices import resolve_device
 from pelmark.evaluate.predict import Predictions, SplitTruth, predict_split, read_truth, split_rows
 from pelmark.evaluate.reference import REFERENCE_NAME, MeanPosition, fit_mean_position, predict_mean_position
+from pelmark.evaluate.refine import REFINED_SUFFIX, failure_notes, refine, refine_summary
+from pelmark.evaluate.stat_tables import (
+    CI_FILE,
+    COMPARISON_FIELDS,
+    COMPARISON_FILE,
+    ROBUST_FIELDS,
+    ROBUST_FILE,
+    Entry,
+    ci_fields,
+    comparison_rows,
+    interval_rows,
+    resampling_notes,
+    robust_rows,
+    split_resampling,
+    statistics_summary,
+    write_rows,
+)
+from pelmark.evaluate.stats import DEFAULT_RESAMPLES
 from pelmark.evaluate.tables import (
     TABLE_FILES,
     TableRow,
@@ -87,6 +112,11 @@ class EvalSettings:
             ``last``) or ``last``.
         overwrite: replace an OUT folder that is not empty.
         progress: show progress bars.
+        refine: add a ``<run>+reg`` row per run: all CT landmarks projected
+            under the robust registration of the landmarks the model found
+            (:mod:`pelmark.evaluate.refine`).
+        bootstrap: resamples of the confidence intervals and paired comparisons.
+        seed: seed of the resamples (:mod:`pelmark.evaluate.stat_tables`).
     """
 
     splits: tuple[Split, ...] | None = None
@@ -97,10 +127,15 @@ class EvalSettings:
     checkpoint: str = "best"
     overwrite: bool = False
     progress: bool = True
+    refine: bool = False
+    bootstrap: int = DEFAULT_RESAMPLES
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.samples < 0 or self.batch_size < 1 or self.workers < 0:
             raise PelmarkError("need samples >= 0, batch_size >= 1 and workers >= 0")
+        if self.bootstrap < 1 or self.seed < 0:
+            raise PelmarkError(f"need bootstrap >= 1 and seed >= 0, got {self.bootstrap} and {self.seed}")
         if self.checkpoint not in ("best", "last"):
             raise PelmarkError(f"checkpoint must be best or last, got '{self.checkpoint}'")
         if self.splits is not None and not self.splits:
@@ -125,7 +160,11 @@ class EvalReport:
         reference: whether the mean-position rows are present.
         files: every file written, relative to ``out``.
         notes: things a reader of the table should know (runs not complete,
-            runs trained on another store, no reference).
+            runs trained on another store, no reference, intervals from
+            resampled images, failed registrations of ``+reg`` rows).
+        intervals: the rows of ``table1_ci.csv``.
+        comparison: the rows of ``comparison.csv``.
+        robust: the rows of ``robust.csv``.
     """
 
     out: Path
@@ -136,6 +175,9 @@ class EvalReport:
     reference: bool
     files: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    intervals: tuple[dict[str, Any], ...] = ()
+    comparison: tuple[dict[str, Any], ...] = ()
+    robust: tuple[dict[str, Any], ...] = ()
 
     @property
     def table1(self) -> tuple[TableRow, ...]:
@@ -212,6 +254,8 @@ def load_runs(run_dirs: Sequence[Path], landmark_names: tuple[str, ...], setting
         run = load_checked_run(Path(run_dir), landmark_names, settings.checkpoint, device)
         if run.name == REFERENCE_NAME:
             raise PelmarkError(f"'{REFERENCE_NAME}' names the reference row; rename the run folder", run.run_dir)
+        if run.name.endswith(REFINED_SUFFIX):
+            raise PelmarkError(f"names ending in '{REFINED_SUFFIX}' are for --refine rows; rename the run folder", run.run_dir)
         if run.name in names:
             raise PelmarkError(f"two runs are named '{run.name}' (table rows are named by folder): {names[run.name]}", run.run_dir)
         names[run.name] = run.run_dir
@@ -295,41 +339,65 @@ def _evaluate(
     base = {split: truth(split, sizes[0]) for split in splits}
 
     # Predictions per split in table order: runs as given, then the reference at each model size.
-    predictions: list[Predictions] = []
-    rows: dict[Unit, list[TableRow]] = {unit: [] for unit in Unit}
+    # Each item: (split, name, status, predictions or None for a diverged run).
+    raw: list[tuple[Split, str, str, Predictions | None]] = []
     for split in splits:
         for run in runs:
             if run.status is RunStatus.DIV:
-                for unit in Unit:
-                    rows[unit].append(diverged_row(split.label, run.name))
+                raw.append((split, run.name, run.status.value, None))
                 continue
             pred = predict_split(run, store, truth(split, run.config.size), settings.batch_size, settings.workers, settings.progress)
-            predictions.append(pred)
-            for unit in Unit:
-                rows[unit].append(table_row(pred, unit, run.status.value))
+            raw.append((split, run.name, run.status.value, pred))
         if reference is not None:
             for size in sizes:
                 name = REFERENCE_NAME if len(sizes) == 1 else f"{REFERENCE_NAME}@{size}"
-                pred = predict_mean_position(reference, truth(split, size), name)
-                predictions.append(pred)
-                for unit in Unit:
-                    rows[unit].append(table_row(pred, unit, "reference"))
+                raw.append((split, name, "reference", predict_mean_position(reference, truth(split, size), name)))
+
+    pose_entries = []
+    robust: dict[int, PoseErrors] = {}
+    jobs = [(pred, registration) for *_, pred in raw if pred is not None for registration in Registration]
+    for pred, registration in tqdm(jobs, desc="registration", unit="set", disable=not settings.progress, dynamic_ncols=True):
+        errors = pose_metrics(pred, registration)
+        pose_entries.append((pred, errors))
+        if registration is Registration.ROBUST:
+            robust[id(pred)] = errors
+
+    # --refine: each run's <run>+reg row follows its raw row; it reuses the robust registration above.
+    ordered, refinements = [], []
+    for split, name, status, pred in raw:
+        ordered.append((split, name, status, pred))
+        if settings.refine and pred is not None and pred.peak_probability is not None:
+            refinement = refine(pred, robust[id(pred)])
+            refinements.append(refinement)
+            ordered.append((split, refinement.predictions.model, status, refinement.predictions))
+    predictions = [pred for *_, pred in ordered if pred is not None]
+    rows: dict[Unit, list[TableRow]] = {unit: [] for unit in Unit}
+    for split, name, status, pred in ordered:
+        for unit in Unit:
+            rows[unit].append(diverged_row(split.label, name) if pred is None else table_row(pred, unit, status))
 
     files: list[str] = []
     for unit, name in TABLE_FILES.items():
         (folder / name).write_text(table_text(rows[unit], n_landmarks))
         files.append(name)
-    write_per_image(folder / "per_image.csv", predictions, list(landmark_names))
+    write_per_image(folder / "per_image.csv", predictions, list(landmark_names), refinements)
     files.append("per_image.csv")
 
-    pose_entries = []
-    jobs = [(pred, registration) for pred in predictions for registration in Registration]
-    for pred, registration in tqdm(jobs, desc="registration", unit="set", disable=not settings.progress, dynamic_ncols=True):
-        pose_entries.append((pred, pose_metrics(pred, registration)))
     pose_rows = _pose_rows(splits, runs, pose_entries)
     write_pose_summary(folder / "pose.csv", pose_rows, SUCCESS_THRESHOLDS_MM)
     write_pose_per_image(folder / "pose_per_image.csv", pose_entries)
     files += ["pose.csv", "pose_per_image.csv"]
+
+    # Statistics in model px: one set of resamples per split, shared by all its rows.
+    entries = [Entry(row, pred) for row, (*_, pred) in zip(rows[Unit.MODEL_PX], ordered)]
+    draws = {split.label: split_resampling(base[split], settings.bootstrap, settings.seed) for split in splits}
+    ci_rows = interval_rows(entries, draws)
+    compared = comparison_rows(entries, runs[0].name, draws)
+    robust_figures = robust_rows(entries)
+    write_rows(folder / CI_FILE, ci_fields(n_landmarks), ci_rows)
+    write_rows(folder / COMPARISON_FILE, COMPARISON_FIELDS, compared)
+    write_rows(folder / ROBUST_FILE, ROBUST_FIELDS, robust_figures)
+    files += [CI_FILE, COMPARISON_FILE, ROBUST_FILE]
 
     for split in splits:
         shown = [p for p in predictions if p.truth.split is split]
@@ -340,8 +408,10 @@ def _evaluate(
     write_error_cdf(folder / "error_cdf.png", predictions, labels)
     files += ["per_landmark_error.png", "error_cdf.png"]
 
-    notes = _notes(runs, attrs, reference is not None)
+    notes = _notes(runs, attrs, reference is not None) + resampling_notes(draws) + failure_notes(refinements)
     summary = _summary(runs, store, attrs, landmark_names, base, reference, rows, pose_rows, settings)
+    summary["statistics"] = statistics_summary(draws, runs[0].name, ci_rows, compared, robust_figures, settings.seed)
+    summary["refine"] = refine_summary(refinements, settings.refine)
     summary["notes"] = list(notes)
     (folder / "summary.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     files.append("summary.json")
@@ -354,6 +424,9 @@ def _evaluate(
         reference=reference is not None,
         files=tuple(files),
         notes=notes,
+        intervals=tuple(ci_rows),
+        comparison=tuple(compared),
+        robust=tuple(robust_figures),
     )
 
 
@@ -461,7 +534,7 @@ def _summary(
             "thresholds_mm": list(SUCCESS_THRESHOLDS_MM),
             "success": "mTRE below the threshold and a registration that is not degenerate, over all images",
             "errors": "means and medians over the images whose registration is not degenerate",
-            "registrations": {"lm": "register(..., solver='lm') on the visible landmarks", "robust": "register_robust (RANSAC, then lm on the inliers)"},
+            "registrations": {"lm": "register(..., solver='lm') on the visible landmarks", "robust": "register_robust (RANSAC, then lm on the inliers) on the landmarks the model found"},
             "rows": pose_rows,
         },
         "settings": settings.to_dict(),

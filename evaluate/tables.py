@@ -23,6 +23,7 @@ import numpy as np
 
 from pelmark.evaluate.pose import PoseErrors, success_key
 from pelmark.evaluate.predict import Predictions
+from pelmark.evaluate.refine import Refinement
 from pelmark.evaluate.units import Unit, to_unit
 from pelmark.train.metrics import landmark_rmse, mean_rmse
 
@@ -39,6 +40,7 @@ TABLE_FILES = {
 PER_IMAGE_FIELDS = (
     "split", "model", "row", "subject", "landmark", "visible", "pred_x", "pred_y", "true_x", "true_y",
     "error_model_px", "error_detector_px", "error_detector_mm", "error_isocentre_mm",
+    "peak_probability", "found", "refine_flag",
 )  # fmt: skip
 POSE_IMAGE_FIELDS = ("split", "model", "registration", "row", "subject", "degenerate", "rotation_deg", "translation_mm", "mtre_mm")
 
@@ -124,9 +126,20 @@ def table_text(rows: Iterable[TableRow], n_landmarks: int) -> str:
     return buffer.getvalue()
 
 
-def format_table(rows: Iterable[TableRow], n_landmarks: int) -> str:
-    """A Table 1 as aligned text (for the terminal): text left-aligned, numbers right-aligned."""
+def format_table(rows: Iterable[TableRow], n_landmarks: int, mean_intervals: dict[tuple[str, str], str] | None = None) -> str:
+    """A Table 1 as aligned text (for the terminal): text left-aligned, numbers right-aligned.
+
+    Args:
+        rows: the table's rows.
+        n_landmarks: landmark columns.
+        mean_intervals: text of each row's Mean interval by (split, model),
+            shown in a ``95% CI`` column beside Mean; None: no such column.
+    """
+    rows = list(rows)
     lines = [["split", "model", "Mean", *landmark_labels(n_landmarks)]] + [r.cells(n_landmarks) for r in rows]
+    if mean_intervals is not None:
+        column = ["95% CI"] + [mean_intervals.get((r.split, r.model), "") for r in rows]
+        lines = [line[:3] + [cell] + line[3:] for line, cell in zip(lines, column)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for line in lines:
@@ -135,11 +148,18 @@ def format_table(rows: Iterable[TableRow], n_landmarks: int) -> str:
     return "\n".join(out)
 
 
-def write_per_image(path: Path, predictions: Iterable[Predictions], landmark_names: list[str]) -> int:
+def write_per_image(
+    path: Path, predictions: Iterable[Predictions], landmark_names: list[str], refinements: Iterable[Refinement] = ()
+) -> int:
     """``per_image.csv``: one line per image and landmark of every predictor. Returns the line count.
 
     Points are in model px; errors are empty for a landmark that is not visible.
+    ``peak_probability`` and ``found`` (the detector's decision, see
+    :meth:`Predictions.found`) are empty for a predictor without heatmaps;
+    a ``<run>+reg`` row repeats its run's. ``refine_flag`` is set on
+    ``<run>+reg`` rows only (see :class:`~pelmark.evaluate.refine.RefineFlag`).
     """
+    refined = {id(r.predictions): r for r in refinements}
     count = 0
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -147,6 +167,8 @@ def write_per_image(path: Path, predictions: Iterable[Predictions], landmark_nam
         for pred in predictions:
             truth = pred.truth
             errors = pred.errors()
+            refinement = refined.get(id(pred))
+            found = None if pred.peak_probability is None else (refinement.found if refinement else pred.found())
             for i, row in enumerate(truth.rows):
                 for l, name in enumerate(landmark_names):
                     visible = bool(truth.visible[i, l])
@@ -155,6 +177,9 @@ def write_per_image(path: Path, predictions: Iterable[Predictions], landmark_nam
                         f"{pred.predicted_px[i, l, 0]:.3f}", f"{pred.predicted_px[i, l, 1]:.3f}",
                         f"{truth.true_px[i, l, 0]:.3f}", f"{truth.true_px[i, l, 1]:.3f}",
                         *(_error(errors[unit][i, l]) for unit in Unit),
+                        "" if pred.peak_probability is None else f"{pred.peak_probability[i, l]:.4f}",
+                        "" if found is None else int(found[i, l]),
+                        "" if refinement is None else refinement.flags(i, l),
                     ])  # fmt: skip
                     count += 1
     return count

@@ -242,17 +242,26 @@ def eval_(
     checkpoint: str = typer.Option("best", "--checkpoint", help="best (falls back to last) or last."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that already holds files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    refine: bool = typer.Option(
+        False, "--refine/--no-refine", help="Add <run>+reg rows: all CT landmarks projected under the robust pose of the found ones."
+    ),
+    bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Bootstrap resamples (over subjects) of the 95% intervals."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap resamples."),
 ) -> None:
-    """Evaluate trained runs on a store: Table 1 (RMSE per landmark) in px and mm, pose errors, figures."""
+    """Evaluate trained runs on a store: Table 1 (RMSE per landmark) in px and mm with 95% intervals, pose errors, figures."""
     from pelmark.evaluate.runner import EvalSettings, evaluate_runs, parse_splits
+    from pelmark.evaluate.stat_tables import format_comparison, mean_intervals
     from pelmark.evaluate.tables import format_table
 
     settings = EvalSettings(
         splits=parse_splits(split), samples=samples, batch_size=batch_size, workers=workers, device=device,
-        checkpoint=checkpoint, overwrite=overwrite, progress=progress,
+        checkpoint=checkpoint, overwrite=overwrite, progress=progress, refine=refine, bootstrap=bootstrap, seed=seed,
     )
     report = evaluate_runs(runs, store, out, settings)
-    typer.echo(format_table(report.table1, len(report.landmark_names)))
+    typer.echo(format_table(report.table1, len(report.landmark_names), mean_intervals(report.intervals)))
+    if report.comparison:
+        typer.echo(f"\nMean RMSE against {report.comparison[0]['baseline']} (paired bootstrap, 95% CI, two-sided p):")
+        typer.echo(format_comparison(report.comparison))
     for note in report.notes:
         typer.echo(f"note: {note}")
     names = ", ".join(f"L{i + 1}={name}" for i, name in enumerate(report.landmark_names))

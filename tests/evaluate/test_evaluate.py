@@ -265,6 +265,7 @@ def test_per_image_csv(results):
     assert rows[0] == [
         "split", "model", "row", "subject", "landmark", "visible", "pred_x", "pred_y", "true_x", "true_y",
         "error_model_px", "error_detector_px", "error_detector_mm", "error_isocentre_mm",
+        "peak_probability", "found", "refine_flag",
     ]  # fmt: skip
     # (2 novel_view + 4 novel_subject images) x 5 landmarks x (run_a, run_b, mean-position); run_div is not evaluated.
     assert len(rows) - 1 == (2 + 4) * 5 * 3
@@ -274,6 +275,10 @@ def test_per_image_csv(results):
         error = math.hypot(float(r[6]) - float(r[8]), float(r[7]) - float(r[9]))
         assert float(r[10]) == pytest.approx(error, abs=2e-3)
         assert float(r[11]) == pytest.approx(1.5 * float(r[10]), abs=1e-3)
+        if r[1] == "mean-position":  # no heatmap: no peak, no decision
+            assert r[14:] == ["", "", ""]
+        else:
+            assert r[15] == str(int(float(r[14]) >= 0.5)) and r[16] == ""
 
 
 def test_pose_csv_and_summary(results, store):
@@ -324,7 +329,10 @@ def test_store_without_train_images_has_no_reference(store, runs, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["reference"]["available"] is False and "no train images" in summary["reference"]["reason"]
     assert summary["splits"]["novel_view"]["images"] == 8
-    assert report.notes == ("no mean-position rows: the store has no train images",)
+    assert report.notes[0] == "no mean-position rows: the store has no train images"
+    assert report.notes[1:] == (
+        "novel_subject: 1 subject, so its intervals resample images, which ignores that views of one CT are alike (too narrow)",
+    )
 
 
 def test_runs_of_two_sizes_get_a_reference_row_each(store, runs, tmp_path):
@@ -410,7 +418,7 @@ def test_cli_eval(store, runs, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["split", "model", "Mean", "L1", "L2", "L3", "L4", "L5"]
+    assert lines[0].split() == ["split", "model", "Mean", "95%", "CI", "L1", "L2", "L3", "L4", "L5"]
     assert [line.split()[:3] for line in lines[1:4]] == [
         ["novel_subject", "run_a", lines[1].split()[2]], ["novel_subject", "run_div", "DIV"],
         ["novel_subject", "mean-position", lines[3].split()[2]],
@@ -418,6 +426,78 @@ def test_cli_eval(store, runs, tmp_path):
     assert _read_csv(out / "table1.csv")[1][1:3] == ["run_a", lines[1].split()[2]]
     assert not (out / "samples_novel_view.png").exists() and (out / "samples_novel_subject.png").is_file()
     assert "note: run_div: diverged (step 1: non-finite loss (nan)); shown as DIV" in lines
+    # The Mean's interval beside it; novel_subject has one subject, so its intervals resample images, and say so.
+    lo, hi = (float(v.strip("[],")) for v in lines[1].split()[3:5])
+    assert lo <= float(lines[1].split()[2]) <= hi
+    assert any(line.startswith("note: novel_subject: 1 subject, so its intervals resample images") for line in lines)
+
+
+def test_cli_statistics_and_refined_rows(store, runs, tmp_path):
+    out = tmp_path / "refined"
+    args = ["eval", str(runs["run_a"]), str(runs["run_b"]), "--store", str(store), "--out", str(out), "--refine",
+            "--bootstrap", "500", "--seed", "3", "--samples", "0", "--device", "cpu", "--workers", "0", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    order = ["run_a", "run_a+reg", "run_b", "run_b+reg", "mean-position"]
+    table = _read_csv(out / "table1.csv")
+    assert [r[:2] for r in table[1:]] == [[split, m] for split in ("novel_view", "novel_subject") for m in order]
+    assert [r[:2] for r in _read_csv(out / "table1_mm_isocentre.csv")[1:]] == [r[:2] for r in table[1:]]
+
+    intervals = list(csv.DictReader(open(out / "table1_ci.csv", newline="")))
+    assert list(intervals[0])[:6] == ["split", "model", "status", "Mean", "Mean_lo", "Mean_hi"]
+    assert list(intervals[0])[-5:] == ["L5_lo", "L5_hi", "n_subjects", "n_images", "resampled"]
+    for row, cells in zip(intervals, table[1:]):
+        assert [row["split"], row["model"]] == cells[:2] and float(row["Mean"]) == pytest.approx(float(cells[2]), abs=0.005)
+        for key in ("Mean", "L1", "L5"):
+            assert float(row[f"{key}_lo"]) <= float(row[key]) + 1e-9 <= float(row[f"{key}_hi"]) + 2e-9
+        # novel_view: 2 train subjects (1 view each), resampled as subjects; novel_subject: 1 subject, images.
+        assert (row["n_subjects"], row["n_images"], row["resampled"]) == (
+            ("2", "2", "subjects") if row["split"] == "novel_view" else ("1", "4", "images")
+        )
+
+    comparison = list(csv.DictReader(open(out / "comparison.csv", newline="")))
+    assert [(r["split"], r["model"], r["baseline"]) for r in comparison] == [
+        (split, m, "run_a") for split in ("novel_view", "novel_subject") for m in order[1:]
+    ]
+    for row in comparison:
+        assert float(row["lo"]) <= float(row["difference"]) <= float(row["hi"]) and 0 < float(row["p_value"]) <= 1
+        if row["model"] == "run_b":  # a copy of run_a: no difference at all
+            assert float(row["difference"]) == 0 and float(row["p_value"]) == 1 and row["lo"] == row["hi"] == "0.0000"
+    assert "Mean RMSE against run_a" in result.stdout and "run_a+reg" in result.stdout
+
+    robust = list(csv.DictReader(open(out / "robust.csv", newline="")))
+    assert list(robust[0]) == [
+        "split", "model", "status", "n_visible", "median_px", "p90_px", "within_2px", "within_5px", "within_10px",
+    ]  # fmt: skip
+    assert [r["model"] for r in robust] == order * 2
+    for row in robust:
+        assert int(row["n_visible"]) == (2 if row["split"] == "novel_view" else 4) * 5
+        assert float(row["median_px"]) <= float(row["p90_px"])
+        assert 0 <= float(row["within_2px"]) <= float(row["within_5px"]) <= float(row["within_10px"]) <= 1
+
+    per_image = list(csv.DictReader(open(out / "per_image.csv", newline="")))
+    flags = {r["refine_flag"] for r in per_image if r["model"].endswith("+reg")}
+    assert flags <= {"", "not_found", "outlier", "failed", "outside", "not_found|outside", "outlier|outside"}
+    assert all(r["refine_flag"] == "" for r in per_image if not r["model"].endswith("+reg"))
+    assert {r["model"] for r in csv.DictReader(open(out / "pose.csv", newline=""))} == {"run_a", "run_b", "mean-position"}
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["refine"] is True and summary["statistics"]["resamples"] == 500
+    assert summary["statistics"]["seed"] == 3 and summary["statistics"]["comparison"]["baseline"] == "run_a"
+    assert summary["statistics"]["resampled"]["novel_subject"] == {"unit": "images", "subjects": 1, "images": 4}
+    assert len(summary["statistics"]["table1_ci"]) == 10 and len(summary["statistics"]["robust_rows"]) == 10
+    refined = summary["refine"]["results"]
+    assert [(r["split"], r["model"]) for r in refined] == [
+        (s, m) for s in ("novel_view", "novel_subject") for m in ("run_a+reg", "run_b+reg")
+    ]
+    assert all(r["images"] == (2 if r["split"] == "novel_view" else 4) for r in refined)
+
+    # The same seed gives the same numbers.
+    settings = EvalSettings(samples=0, refine=True, bootstrap=500, seed=3, **CPU)
+    again = evaluate_runs([runs["run_a"], runs["run_b"]], store, tmp_path / "again", settings)
+    assert (tmp_path / "again" / "table1_ci.csv").read_text() == (out / "table1_ci.csv").read_text()
+    assert (tmp_path / "again" / "comparison.csv").read_text() == (out / "comparison.csv").read_text()
+    assert again.intervals[0]["Mean_lo"] == pytest.approx(float(intervals[0]["Mean_lo"]), abs=1e-4)
 
 
 def test_cli_bad_input_is_one_line(store, runs, tmp_path):
