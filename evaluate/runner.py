@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pelmark.errors import PelmarkError
+from pelmark.io.outputs import is_empty_folder, refuse_inputs
 from pelmark.evaluate.figures import write_error_cdf, write_per_landmark_error, write_samples
 from pelmark.evaluate.pose import SUCCESS_THRESHOLDS_MM, PoseErrors, Registration, pose_metrics
 from pelmark.devices import resolve_device
@@ -85,6 +86,8 @@ from pelmark.train.config import RunStatus
 
 EVAL_FORMAT = "pelmark-eval"
 EVAL_VERSION = 1
+# Written first into every results folder: --overwrite replaces only a folder that carries it.
+EVAL_MARKER = ".pelmark-eval"
 DEFAULT_SPLITS = (Split.NOVEL_VIEW, Split.NOVEL_SUBJECT)
 
 UNIT_NOTES = {
@@ -201,10 +204,32 @@ def parse_splits(labels: Sequence[str] | None) -> tuple[Split, ...] | None:
 # ---------------------------------------------------------------- validation
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def is_eval_folder(path: Path) -> bool:
+    """A results folder written by pelmark eval: its marker, or (older ones) a pelmark-eval summary.json."""
+    if (path / EVAL_MARKER).is_file():
+        return True
+    try:
+        return json.loads((path / "summary.json").read_text()).get("format") == EVAL_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(out: Path, overwrite: bool, inputs: Sequence[tuple[str, Path]] = ()) -> None:
+    """``out`` may be absent, an empty folder, or (with ``overwrite``) an earlier pelmark eval folder.
+
+    Args:
+        out: the results folder.
+        overwrite: replace an earlier pelmark eval folder.
+        inputs: (what, path) of the command's inputs, which ``out`` must not be, hold or lie inside.
+    """
+    refuse_inputs(out, inputs)
     if out.exists() and not out.is_dir():
         raise PelmarkError("exists and is not a folder", out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not out.is_dir() or is_empty_folder(out):
+        return
+    if not is_eval_folder(out):
+        raise PelmarkError("holds files that are not pelmark eval results; pick an empty or new --out", out)
+    if not overwrite:
         raise PelmarkError("already holds files; pass --overwrite to replace them, or another --out", out)
 
 
@@ -283,7 +308,7 @@ def evaluate_runs(run_dirs: Sequence[Path], store: Path, out: Path, settings: Ev
             store that is not one or lacks a split, an OUT in the way.
     """
     store, out = Path(store), Path(out)
-    check_out(out, settings.overwrite)
+    check_out(out, settings.overwrite, [("the store", store), *(("a run folder", Path(r)) for r in run_dirs)])
     group = open_store(store)
     attrs = dict(group.attrs)
     landmark_names = tuple(attrs.get("landmark_names", ()))
@@ -294,6 +319,7 @@ def evaluate_runs(run_dirs: Sequence[Path], store: Path, out: Path, settings: Ev
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
+        (staging / EVAL_MARKER).write_text(json.dumps({"format": EVAL_FORMAT, "version": EVAL_VERSION}) + "\n")
         report = _evaluate(runs, store, group, attrs, landmark_names, splits, staging, settings)
         _publish(staging, out)
     except BaseException:
@@ -304,6 +330,9 @@ def evaluate_runs(run_dirs: Sequence[Path], store: Path, out: Path, settings: Ev
 
 def _publish(staging: Path, out: Path) -> None:
     """Put the finished folder at ``out``, replacing what was there only once the new one is complete."""
+    if out.exists() and not is_empty_folder(out) and not is_eval_folder(out):
+        # Files may have arrived while the runs were evaluated: still never replace them.
+        raise PelmarkError("holds files that are not pelmark eval results; pick an empty or new --out", out)
     if out.exists():
         trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, trash)

@@ -310,6 +310,21 @@ def import_deepfluoro_cmd(
         typer.echo(line)
 
 
+@app.command("convert-checkpoint")
+@reports_errors
+def convert_checkpoint_cmd(
+    old: Path = typer.Argument(..., help="A checkpoint of an earlier pelmark (e.g. RUN_DIR/checkpoints/best.pt)."),
+    new: Path = typer.Argument(..., help="Where to write the converted checkpoint (a new file)."),
+    trust: bool = typer.Option(False, "--trust", help="Required: OLD is unpickled in full, which runs any code it holds."),
+) -> None:
+    """Re-save an earlier pelmark checkpoint as tensors and plain values, which pelmark loads safely."""
+    from pelmark.train.checkpoint import convert_checkpoint
+
+    if not trust:
+        raise PelmarkError("converting unpickles the file in full, which runs any code it holds; pass --trust if you made it", old)
+    typer.echo(f"wrote {convert_checkpoint(old, new)}")
+
+
 def main() -> None:
     app(prog_name="pelmark")
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pelmark.errors import PelmarkError
+from pelmark.io.outputs import is_empty_folder, refuse_inputs
 from pelmark.manifest import Manifest, Role, Subject, load_manifest, validate_subject_data
 from pelmark.synth import store as store_mod
 from pelmark.synth.poses import Split, subject_poses, subject_splits
@@ -214,6 +215,17 @@ def _writable_parent(path: Path) -> None:
         raise PelmarkError("output folder is not writable", parent)
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``out`` may be absent, an empty folder, or a pelmark store (resumed, or replaced with ``overwrite``)."""
+    if not out.exists() or is_empty_folder(out):
+        return
+    if not out.is_dir():
+        raise PelmarkError("exists and is not a folder; --out names the store folder", out)
+    if not store_mod.is_pelmark_store(out):
+        replace = "--overwrite replaces only a store written by pelmark synth" if overwrite else "pick an empty or new --out"
+        raise PelmarkError(f"holds files that are not a pelmark synth store; {replace}", out)
+
+
 def run_synth(
     manifest_path: Path,
     out: Path,
@@ -231,17 +243,22 @@ def run_synth(
         progress: show progress bars.
     """
     manifest = load_manifest(manifest_path)
+    out = Path(out)
+    inputs = [("the manifest", manifest.path)]
+    for subject in manifest.subjects:
+        inputs += [(f"{subject.id}'s CT", subject.ct), (f"{subject.id}'s landmark file", subject.landmarks)]
+    refuse_inputs(out, inputs)
+    _check_out(out, overwrite)
     settings = resolve_settings(manifest.synth, overrides, manifest.path)
     _device(settings.device)  # fail before anything is written
     subjects = check_inputs(manifest, progress)
     attributes = store_attributes(manifest, settings, subjects)
-    out = Path(out)
     _writable_parent(out)
 
     with store_mod.StoreLock(out):
         if out.exists() and overwrite:
             store_mod.remove_store(out)
-        if out.exists():
+        if out.exists() and not is_empty_folder(out):
             group = store_mod.open_store(out, mode="r+")
             _check_compatible(group, attributes, out)
         else:

@@ -220,7 +220,28 @@ class StoreLock:
         self.release()
 
 
+def is_pelmark_store(path: Path) -> bool:
+    """True for a Zarr group carrying pelmark's ``format`` attribute, whatever its format version."""
+    if not Path(path).is_dir():
+        return False
+    try:
+        group = _zarr().open_group(str(path), mode="r")
+        return dict(group.attrs).get("format") == FORMAT_NAME
+    except Exception:  # noqa: BLE001 - zarr raises several unrelated types for a non-store folder
+        return False
+
+
 def remove_store(path: Path) -> None:
-    """Delete a store folder (for --overwrite), after the inputs were checked."""
-    if Path(path).exists():
-        shutil.rmtree(path)
+    """Delete a store folder (for --overwrite), after the inputs were checked.
+
+    Only a store pelmark wrote is deleted; an empty folder is left in place.
+
+    Raises:
+        PelmarkError: ``path`` holds something else (it is left untouched).
+    """
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not is_pelmark_store(path):
+        raise PelmarkError("--overwrite replaces only a store written by pelmark synth, and this is not one", path)
+    shutil.rmtree(path)

@@ -13,6 +13,13 @@ optimiser and scheduler states, the epoch, the step within it and the global
 step, the Python, NumPy, torch (and CUDA) RNG states, the config, the model
 spec and the landmark names. Files are written to a temporary name in the same
 folder and renamed, so a kill never leaves a half-written checkpoint.
+
+Checkpoints hold only tensors and plain values (dicts, lists, str, int, float,
+bool, None) and are read with ``torch.load(weights_only=True)``, which cannot
+run code: a crafted ``best.pt`` is refused, not executed. A checkpoint that
+needs the full unpickler (pelmark's earlier ones, which pickled the RNG states
+as tuples and NumPy arrays) is refused with the command that converts it,
+``pelmark convert-checkpoint OLD NEW --trust`` (:func:`convert_checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -53,26 +61,77 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def plain_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """RNG states as tensors and plain values, which ``torch.load(weights_only=True)`` reads.
+
+    Python's state (a tuple) becomes a dict with a list of ints; NumPy's
+    (a tuple holding a uint32 array) a dict with the key as an int64 tensor.
+    States already in this form are returned as they are.
+    """
+    plain = dict(state)
+    if isinstance(state["python"], tuple):
+        version, internal, gauss_next = state["python"]
+        plain["python"] = {"version": version, "state": list(internal), "gauss_next": gauss_next}
+    if isinstance(state["numpy"], tuple):
+        kind, key, pos, has_gauss, cached_gaussian = state["numpy"]
+        plain["numpy"] = {
+            "kind": str(kind),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        }
+    return plain
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return plain_rng_state(state)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned, bit for bit."""
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    key = numpy_state["key"].numpy().astype(np.uint32)
+    np.random.set_state((numpy_state["kind"], key, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CONVERT_HINT = (
+    "refusing to unpickle Python objects from it (a crafted file could run code); if it is a pelmark checkpoint "
+    "you trust, convert it once: pelmark convert-checkpoint OLD NEW --trust"
+)
+
+
+def _read(path: Path, trusted: bool = False) -> Any:
+    """``torch.load`` onto the CPU; only ``trusted`` files get the full unpickler."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as error:
+        if not trusted and "weights only" in str(error).lower():
+            raise PelmarkError(CONVERT_HINT, path) from None
+        raise PelmarkError(f"cannot read checkpoint: {_first_line(error)}", path) from None
+    except Exception as error:  # noqa: BLE001 - any other reading failure is a bad file
+        raise PelmarkError(f"cannot read checkpoint: {_first_line(error)}", path) from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint dict; a run folder means its ``best.pt`` (``last.pt`` if there is no best).
 
+    Read with ``weights_only=True``: tensors and plain values only, nothing that runs code.
+
     Raises:
-        PelmarkError: missing, unreadable, or not a pelmark checkpoint.
+        PelmarkError: missing, unreadable, holding pickled Python objects, or not a pelmark checkpoint.
     """
     path = Path(path)
     if path.is_dir():
@@ -80,14 +139,40 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         path = best if best.is_file() else last
     if not path.is_file():
         raise PelmarkError("checkpoint not found", path)
-    try:
-        # Checkpoints hold RNG states (numpy arrays, tuples), so the full unpickler is needed: load only your own runs.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise PelmarkError(f"cannot read checkpoint: {error}", path) from None
+    state = _read(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise PelmarkError("not a pelmark checkpoint", path)
     return state
+
+
+def convert_checkpoint(old: Path, new: Path) -> Path:
+    """Re-save a checkpoint of an earlier pelmark so that :func:`load_checkpoint` reads it.
+
+    This reads ``old`` with the full unpickler, which runs any code the file
+    holds: call it only on a file you trust (the command asks for ``--trust``).
+
+    Raises:
+        PelmarkError: ``old`` is missing or not a pelmark checkpoint, or still not loadable after conversion.
+    """
+    old, new = Path(old), Path(new)
+    if not old.is_file():
+        raise PelmarkError("checkpoint not found", old)
+    if new.exists():
+        raise PelmarkError("already exists; pick a new file for the converted checkpoint", new)
+    state = _read(old, trusted=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise PelmarkError("not a pelmark checkpoint", old)
+    if "rng" in state:
+        state["rng"] = plain_rng_state(state["rng"])
+    if "counters" in state:
+        state["counters"] = {k: float(v) if isinstance(v, np.floating) else v for k, v in state["counters"].items()}
+    save_atomic(state, new)
+    try:
+        load_checkpoint(new)
+    except PelmarkError:
+        new.unlink()
+        raise PelmarkError("holds values other than tensors and plain data even after conversion", old) from None
+    return new
 
 
 def read_run_json(run_dir: Path) -> dict[str, Any]:
@@ -103,6 +188,14 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
     if info.get("version") != RUN_VERSION:
         raise PelmarkError(f"run written by run format {info.get('version')}, this pelmark reads {RUN_VERSION}", path)
     return info
+
+
+def is_pelmark_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a run.json written by pelmark train (of any run format version)."""
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text()).get("format") == RUN_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def write_run_json(run_dir: Path, info: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from pelmark.devices import resolve_device
 from pelmark.errors import PelmarkError
+from pelmark.io.outputs import refuse_inputs
 from pelmark.seeding import numpy_generator
 from pelmark.synth.poses import Split
 from pelmark.synth.store import git_revision, now_utc, open_store, package_versions
@@ -48,6 +50,7 @@ from pelmark.train.checkpoint import (
     RUN_FORMAT,
     RUN_VERSION,
     checkpoint_path,
+    is_pelmark_run,
     load_checkpoint,
     read_run_json,
     rng_state,
@@ -134,6 +137,17 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: Schedule) -> float:
+    """The learning rate of ``step`` as a fraction of ``lr``: a linear warm-up, then ``schedule`` over the rest."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule is Schedule.COSINE:
+        span = max(total_steps - warmup_steps, 1)
+        done = min(step - warmup_steps, span)
+        return 0.5 * (1 + math.cos(math.pi * done / span))
+    return 1.0
+
+
 def _rank_part(batch: np.ndarray, dist: Distributed) -> list[int]:
     return np.array_split(batch, dist.world)[dist.rank].tolist()
 
@@ -213,14 +227,13 @@ class Trainer:
             encoder=config.encoder,
             encoder_depth=config.encoder_depth,
             encoder_weights=config.encoder_weights,
+            decoder_channels=config.decoder_channels,
         )
         self.model = build_model(self.spec).to(dist.device)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
-        total = max(self.total_steps, 1)
-        if config.schedule is Schedule.COSINE:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-        else:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, config.warmup_steps, config.schedule)
+        )
         self.net: nn.Module = self.model
         if dist.world > 1:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -236,10 +249,10 @@ class Trainer:
         if names != self.landmark_names:
             raise PelmarkError(f"--init checkpoint is for landmarks {list(names)}, the store has {list(self.landmark_names)}", Path(path))
         spec = ModelSpec.from_dict(state["model_spec"])
-        if (spec.encoder, spec.encoder_depth) != (self.spec.encoder, self.spec.encoder_depth):
+        if (spec.encoder, spec.encoder_depth, spec.decoder_widths) != (self.spec.encoder, self.spec.encoder_depth, self.spec.decoder_widths):
             raise PelmarkError(
-                f"--init checkpoint is a {spec.encoder} depth {spec.encoder_depth} U-Net, "
-                f"this run asks for {self.spec.encoder} depth {self.spec.encoder_depth}",
+                f"--init checkpoint is a {spec.encoder} depth {spec.encoder_depth} U-Net with decoder {list(spec.decoder_widths)}, "
+                f"this run asks for {self.spec.encoder} depth {self.spec.encoder_depth} with decoder {list(self.spec.decoder_widths)}",
                 Path(path),
             )
         self.model.load_state_dict(state["model"])
@@ -262,9 +275,15 @@ class Trainer:
         save_atomic(state, checkpoint_path(self.run_dir, which))
 
     def restore(self) -> None:
-        state = load_checkpoint(checkpoint_path(self.run_dir, "last"))
+        path = checkpoint_path(self.run_dir, "last")
+        state = load_checkpoint(path)
         if state.get("store_fingerprint") != self.store_fingerprint:
             raise PelmarkError("the run was trained on another store; resume it with the same --store", self.store)
+        written = TrainConfig.from_dict(state.get("config", {}), path)
+        differ = written.differences(self.config, ignore=TrainConfig.RESUMABLE_FIELDS)
+        if differ:
+            listed = ", ".join(f"{name} {then} (checkpoint) vs {now} (run)" for name, then, now in differ)
+            raise PelmarkError(f"was written by a run with other settings ({listed}); it is stale: start again with --overwrite", path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -452,18 +471,69 @@ def existing_run_state(run_dir: Path) -> str | None:
     return status if checkpoint_path(run_dir, "last").is_file() else None
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check ``run_dir`` before any work; returns the old run.json when resuming."""
+# What pelmark train writes into a run folder; --overwrite removes these and nothing else (run.json last).
+RUN_FILES = ("metrics_steps.csv", "metrics_epochs.csv")
+RUN_FOLDERS = ("tensorboard",)
+
+
+def prepare_run_dir(
+    run_dir: Path, resume: bool, overwrite: bool, inputs: tuple[tuple[str, Path], ...] = ()
+) -> dict[str, Any] | None:
+    """Check ``run_dir`` before any work (it is not changed); returns the old run.json when resuming.
+
+    Args:
+        run_dir: the run folder.
+        resume: continue the run in it.
+        overwrite: it may hold a pelmark run, which :func:`clear_run_dir` removes later.
+        inputs: (what, path) of the run's inputs (the store, ``--init``), which ``run_dir``
+            must not be, hold or lie inside.
+    """
+    refuse_inputs(run_dir, inputs)
     if resume:
         info = read_run_json(run_dir)
         if not checkpoint_path(run_dir, "last").is_file():
             raise PelmarkError("nothing to resume: the run has no last checkpoint yet", run_dir)
         return info
-    if (run_dir / "run.json").exists() and not overwrite:
-        raise PelmarkError("already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out", run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise PelmarkError("exists and is not a folder", run_dir)
+    if (run_dir / "run.json").exists():
+        if not is_pelmark_run(run_dir):
+            raise PelmarkError("holds a run.json that pelmark did not write; pick an empty or new --out", run_dir)
+        if not overwrite:
+            raise PelmarkError("already holds a run; pass --resume to continue it, --overwrite to replace it, or another --out", run_dir)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise PelmarkError("holds files but no run.json, so it is not a pelmark run folder; pick an empty or new --out", run_dir)
     return None
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove what an earlier run wrote into ``run_dir`` (checkpoints, metrics, TensorBoard, run.json).
+
+    Other files are left alone. ``run.json`` goes last, so a folder left half-cleared
+    by a kill still reads as a pelmark run that ``--overwrite`` may clear again.
+    """
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():
+        for path in checkpoints.iterdir():
+            temporary = path.name.startswith((".last.pt.", ".best.pt.")) and path.name.endswith(".tmp")  # see save_atomic
+            if path.is_file() and (path.name in ("last.pt", "best.pt") or temporary):
+                path.unlink()
+        if not any(checkpoints.iterdir()):
+            checkpoints.rmdir()
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
+    (run_dir / "run.json").unlink(missing_ok=True)
+
+
+def check_resume_config(config: TrainConfig, saved: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume with settings other than the run's (a resume may only change runtime fields and extend it)."""
+    differ = saved.differences(config, ignore=TrainConfig.RESUMABLE_FIELDS)
+    if differ:
+        listed = ", ".join(f"{name} {run} (run) vs {now} (now)" for name, run, now in differ)
+        raise PelmarkError(f"--resume with settings that differ from the run's: {listed}; pass the run's settings or --overwrite", run_dir)
 
 
 def train(
@@ -478,25 +548,29 @@ def train(
     """Train one run into ``run_dir`` (see the module docstring).
 
     Args:
-        config: the resolved config; when resuming, the run's saved config is
-            used except for its runtime fields (workers, device, checkpoint_every),
+        config: the resolved config; when resuming it must equal the run's saved
+            config except for its runtime fields (workers, device, checkpoint_every),
             ``epochs`` and ``max_steps``, which may extend the run.
         store: the synth store.
-        run_dir: the run folder (created).
+        run_dir: the run folder (created); not the store, nor the ``--init`` run.
         resume: continue from ``run_dir``'s ``last`` checkpoint.
-        overwrite: replace a run already in ``run_dir``.
+        overwrite: replace a pelmark run already in ``run_dir``: its checkpoints,
+            metrics and run.json are removed before the new run writes its own.
         progress: show a progress bar.
         after_step: called with the global step after each step (tests use it to simulate a crash).
 
     Raises:
-        PelmarkError: bad store, bad --init, a run folder in the way, or nothing to resume.
+        PelmarkError: bad store, bad --init, a run folder in the way, nothing to resume,
+            or a resume with other settings than the run's.
     """
     store, run_dir = Path(store), Path(run_dir)
-    previous = prepare_run_dir(run_dir, resume, overwrite)
+    inputs: tuple[tuple[str, Path], ...] = (("the store", store),)
+    if config.init:
+        init = Path(config.init)
+        inputs += (("the --init run" if init.is_dir() else "the --init checkpoint", init),)
+    previous = prepare_run_dir(run_dir, resume, overwrite, inputs)
     if previous is not None:
-        saved = TrainConfig.from_dict(previous["config"], run_dir / "run.json")
-        keep = {name: getattr(config, name) for name in (*TrainConfig.RUNTIME_FIELDS, "epochs", "max_steps")}
-        config = dataclasses.replace(saved, **keep)
+        check_resume_config(config, TrainConfig.from_dict(previous["config"], run_dir / "run.json"), run_dir)
     if config.strategy is Strategy.FINETUNE and not config.init:
         raise PelmarkError("the finetune strategy starts from a baseline: pass --init RUN_DIR_OR_CHECKPOINT")
     dist = setup_distributed(config)
@@ -508,6 +582,9 @@ def train(
     elif config.init:
         trainer.load_init(Path(config.init))
     if dist.main:
+        if previous is None and run_dir.is_dir():
+            # A new run never inherits an old run's checkpoints (which --auto-resume would take up).
+            clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         write_run_json(run_dir, _run_info(trainer, RunStatus.RUNNING, created=created))

@@ -379,8 +379,9 @@ def test_run_of_another_landmark_set(store, runs, tmp_path):
 
 
 def test_not_a_run_and_duplicate_names(store, runs, tmp_path):
-    error = _fails([tmp_path], store, tmp_path / "out")
-    assert error.path == tmp_path and "run.json" in error.message
+    (tmp_path / "not_a_run").mkdir()
+    error = _fails([tmp_path / "not_a_run"], store, tmp_path / "out")
+    assert error.path == tmp_path / "not_a_run" and "run.json" in error.message
     twin = tmp_path / "twin" / "run_a"
     shutil.copytree(runs["run_a"], twin)
     error = _fails([runs["run_a"], twin], store, tmp_path / "out")
@@ -399,13 +400,59 @@ def test_store_without_the_split(store, runs, tmp_path):
 def test_out_in_the_way_and_split_names(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
+    for overwrite in (False, True):  # a folder of other files is never replaced
+        with pytest.raises(PelmarkError, match="not pelmark eval results"):
+            check_out(tmp_path / "full", overwrite=overwrite)
+    (tmp_path / "old").mkdir()  # results of a pelmark eval from before the marker file
+    (tmp_path / "old" / "summary.json").write_text(json.dumps({"format": "pelmark-eval"}))
     with pytest.raises(PelmarkError, match="--overwrite"):
-        check_out(tmp_path / "full", overwrite=False)
-    check_out(tmp_path / "full", overwrite=True)
+        check_out(tmp_path / "old", overwrite=False)
+    check_out(tmp_path / "old", overwrite=True)
     check_out(tmp_path / "absent", overwrite=False)
+    (tmp_path / "empty").mkdir()
+    check_out(tmp_path / "empty", overwrite=False)
     assert parse_splits(None) is None and parse_splits(["novel_subject", "novel_subject"]) == (Split.NOVEL_SUBJECT,)
     with pytest.raises(PelmarkError, match="unknown split 'test'"):
         parse_splits(["test"])
+
+
+def test_overwrite_replaces_only_eval_results_and_never_an_input(store, runs, results, tmp_path):
+    """Regression (issue 14): eval --overwrite with --out = the store (or a run folder) replaced it with results."""
+    _, earlier = results
+    before = {p: p.stat().st_mtime_ns for p in [*store.rglob("*"), *runs["run_a"].rglob("*")]}
+    for out in (store, runs["run_a"], store / "results", runs["run_a"].parent, runs["run_a"] / "checkpoints"):
+        args = ["eval", str(runs["run_a"]), "--store", str(store), "--out", str(out), "--overwrite", "--device", "cpu",
+                "--workers", "0", "--no-progress"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert lines[0].startswith(f"error: {out}: --out must not be, hold or lie inside"), lines[0]
+    assert {p: p.stat().st_mtime_ns for p in [*store.rglob("*"), *runs["run_a"].rglob("*")]} == before
+    assert not (store / "results").exists()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    error = _fails_keeping(precious, [runs["run_a"]], store, EvalSettings(overwrite=True, **CPU))
+    assert error.path == precious and "not pelmark eval results" in error.message
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    # An earlier pelmark eval folder is replaced, and an empty folder is written into.
+    assert (earlier / ".pelmark-eval").is_file()
+    again = tmp_path / "again"
+    shutil.copytree(earlier, again)
+    (again / "table1.csv").write_text("stale")
+    evaluate_runs([runs["run_a"]], store, again, EvalSettings(overwrite=True, samples=0, splits=(Split.NOVEL_SUBJECT,), **CPU))
+    assert (again / ".pelmark-eval").is_file() and (again / "table1.csv").read_text() != "stale"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    evaluate_runs([runs["run_a"]], store, empty, EvalSettings(samples=0, splits=(Split.NOVEL_SUBJECT,), **CPU))
+    assert (empty / "table1.csv").is_file()
+
+
+def _fails_keeping(out, run_dirs, store, settings) -> PelmarkError:
+    with pytest.raises(PelmarkError) as caught:
+        evaluate_runs(run_dirs, store, out, settings)
+    assert not list(out.parent.glob(f".{out.name}.*"))
+    return caught.value
 
 
 # ---------------------------------------------------------------- the command line

@@ -216,3 +216,40 @@ def test_cli_overrides_manifest_and_preview(cohort, tmp_path):
     assert result.exit_code == 0, result.output
     pngs = sorted(p.name for p in (tmp_path / "prev").glob("*.png"))
     assert pngs == ["preview_novel_subject.png", "preview_novel_view.png", "preview_train.png"]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_inputs_or_other_folders(cohort, tmp_path):
+    """Regression (issue 14): --overwrite pointed at the cohort folder deleted its CTs, landmarks and manifest."""
+    root = cohort.parent
+    before = _files(root)
+    for out in (root, root / "ct", root / "landmarks" / "b0.mrk.json", cohort):
+        result = runner.invoke(app, ["synth", str(cohort), "--out", str(out), "--overwrite", "--no-progress"])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert lines[0].startswith(f"error: {out}: --out must not be") and "choose another --out" in lines[0]
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["synth", str(cohort), "--out", str(precious), "--no-progress", *extra])
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [
+            f"error: {precious}: holds files that are not a pelmark synth store; "
+            + ("--overwrite replaces only a store written by pelmark synth" if extra else "pick an empty or new --out")
+        ]
+    assert (precious / "notes.txt").read_text() == "mine" and sorted(precious.iterdir()) == [precious / "notes.txt"]
+    assert _files(root) == before
+    with pytest.raises(PelmarkError, match="not one"):
+        store_mod.remove_store(precious)
+    assert (precious / "notes.txt").is_file()
+
+
+def test_an_empty_existing_folder_is_written_into(cohort, tmp_path):
+    for overwrite in (False, True):
+        store = tmp_path / f"empty{overwrite}.zarr"
+        store.mkdir()
+        run_synth(cohort, store, {"scheduler": "sync"}, overwrite=overwrite, progress=False)
+        assert store_mod.open_store(store).attrs["complete"] is True

@@ -331,3 +331,185 @@ def test_cuda_run_with_bf16_autocast(store, tmp_path):
         report = loop_mod.train(_config(strategy, device="cuda", max_steps=2, divergence_factor=1e12), store, tmp_path / strategy.value, progress=False)
         assert report.status is RunStatus.COMPLETE
         assert json.loads((tmp_path / strategy.value / "run.json").read_text())["device"].startswith("cuda")
+
+
+# ---------------------------------------------------------------- safety (issue 14)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_run(store, tmp_path):
+    marker = tmp_path / "ran"
+    run = tmp_path / "run"
+    loop_mod.train(_config(epochs=1, max_steps=1), store, run, progress=False)
+    evil = {"format": "pelmark-checkpoint", "model": _RunsCode(marker)}
+    torch.save(evil, checkpoint_path(run, "best"))
+    with pytest.raises(PelmarkError, match="convert-checkpoint") as caught:
+        load_checkpoint(run)
+    assert caught.value.path == checkpoint_path(run, "best") and "\n" not in str(caught.value)
+    for args in (["eval", run, "--store", store, "--out", tmp_path / "results", "--device", "cpu", "--workers", "0"],
+                 ["train", "finetune", store, "--out", tmp_path / "fine", "--init", run, "--device", "cpu", "--workers", "0",
+                  "--size", "32", "--encoder", "resnet18", "--encoder-depth", "3", "--no-progress"]):  # fmt: skip
+        result = _cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert lines[0].startswith(f"error: {checkpoint_path(run, 'best')}: refusing to unpickle")
+        assert "pelmark convert-checkpoint OLD NEW --trust" in lines[0]
+    assert not marker.exists()
+
+
+def test_checkpoint_rng_states_round_trip_bit_exactly(tmp_path):
+    import random
+
+    from pelmark.train.checkpoint import rng_state, set_rng_state
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
+    path = tmp_path / "c.pt"
+    save_atomic({"format": "pelmark-checkpoint", "rng": rng_state()}, path)
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    set_rng_state(load_checkpoint(path)["rng"])
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_an_earlier_checkpoint_is_refused_then_converted_with_trust(store, tmp_path):
+    import random
+
+    run = tmp_path / "run"
+    loop_mod.train(_config(epochs=1, max_steps=1), store, run, progress=False)
+    state = load_checkpoint(checkpoint_path(run, "last"))
+    # What pelmark wrote before: the RNG states as Python tuples holding a NumPy array.
+    state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state["counters"]["best_val_rmse_px"] = np.float64(state["counters"]["best_val_rmse_px"])
+    old, new = tmp_path / "old.pt", tmp_path / "new.pt"
+    torch.save(state, old)
+    with pytest.raises(PelmarkError, match="convert-checkpoint"):
+        load_checkpoint(old)
+    refused = _cli("convert-checkpoint", old, new)
+    assert refused.exit_code == 1 and "--trust" in refused.stderr and not new.exists()
+    converted = _cli("convert-checkpoint", old, new, "--trust")
+    assert converted.exit_code == 0, converted.output
+    loaded = load_checkpoint(new)
+    assert all(torch.equal(loaded["model"][k], state["model"][k]) for k in state["model"])
+    expected = (random.random(), np.random.standard_normal(2).tolist())
+    from pelmark.train.checkpoint import set_rng_state
+
+    set_rng_state(loaded["rng"])
+    assert (random.random(), np.random.standard_normal(2).tolist()) == expected
+
+
+def test_overwrite_removes_the_old_runs_checkpoints_before_the_new_run(store, tmp_path):
+    """Regression (issue 14): an --overwrite run killed before its first checkpoint was later
+    auto-resumed from the previous run's last.pt, at the old learning rate."""
+    run = tmp_path / "run"
+    loop_mod.train(_config(epochs=1, lr=1e-3), store, run, progress=False)
+    (run / "notes.txt").write_text("mine")
+
+    def killed(step: int) -> None:
+        raise KeyboardInterrupt
+
+    new = _config(epochs=1, lr=1e-4, checkpoint_every=0)  # no checkpoint before the epoch's end
+    with pytest.raises(KeyboardInterrupt):
+        loop_mod.train(new, store, run, overwrite=True, progress=False, after_step=killed)
+    assert not checkpoint_path(run, "last").exists() and not checkpoint_path(run, "best").exists()
+    assert json.loads((run / "run.json").read_text())["config"]["lr"] == 1e-4
+    assert len((run / "metrics_steps.csv").read_text().splitlines()) == 2  # the header and the new run's step
+    assert (run / "notes.txt").read_text() == "mine"
+    assert loop_mod.existing_run_state(run) is None  # --auto-resume starts it again instead of resuming
+    config_file = _train_toml(tmp_path / "train.toml", **{**TINY, "lr": 1e-4, "checkpoint_every": 0, "epochs": 1})
+    result = _cli("train", "baseline", store, "--out", run, "--config", config_file, "--auto-resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = (run / "metrics_steps.csv").read_text().splitlines()
+    assert {row.split(",")[STEP_LR] for row in rows[1:]} == {"0.0001"}
+
+
+STEP_LR = loop_mod.STEP_FIELDS.index("lr")
+
+
+def _train_toml(path: Path, **values) -> Path:
+    path.write_text("[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def test_resume_with_other_settings_is_refused(store, tmp_path):
+    table = {**TINY, "lr": 0.001, "epochs": 2}
+    config_file = _train_toml(tmp_path / "train.toml", **table)
+    run = tmp_path / "run"
+    base = ["train", "baseline", store, "--out", run, "--config", config_file, "--no-progress"]
+    config = resolve_config(Strategy.BASELINE, table)
+
+    def crash(step: int) -> None:
+        if step == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        loop_mod.train(config, store, run, progress=False, after_step=crash)
+    before = (run / "run.json").read_text(), checkpoint_path(run, "last").read_bytes()
+    for flag in ("--resume", "--auto-resume"):
+        result = _cli(*base, flag, "--lr", "1e-4", "--batch-size", "4")
+        assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+            f"error: {run}: --resume with settings that differ from the run's: batch_size 2 (run) vs 4 (now), "
+            "lr 0.001 (run) vs 0.0001 (now); pass the run's settings or --overwrite"
+        ], result.output
+    with pytest.raises(PelmarkError, match=r"strategy baseline \(run\) vs composite \(now\)"):
+        loop_mod.train(dataclasses.replace(config, strategy=Strategy.COMPOSITE), store, run, resume=True, progress=False)
+    assert ((run / "run.json").read_text(), checkpoint_path(run, "last").read_bytes()) == before
+    # The same settings (as make passes them), with other runtime settings and a longer run, resume.
+    result = _cli(*base, "--auto-resume", "--workers", "1", "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "COMPLETE" and info["config"]["lr"] == 0.001 and info["config"]["epochs"] == 3
+
+
+def test_a_stale_last_checkpoint_is_not_resumed(store, tmp_path):
+    other = tmp_path / "other"
+    loop_mod.train(_config(epochs=1, max_steps=1, lr=1e-2), store, other, progress=False)
+    run = tmp_path / "run"
+
+    def crash(step: int) -> None:
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        loop_mod.train(_config(), store, run, progress=False, after_step=crash)
+    shutil.copy(checkpoint_path(other, "last"), checkpoint_path(run, "last"))
+    with pytest.raises(PelmarkError, match=r"lr 0.01 \(checkpoint\) vs 0.001 \(run\).*--overwrite") as caught:
+        loop_mod.train(_config(), store, run, resume=True, progress=False)
+    assert caught.value.path == checkpoint_path(run, "last")
+
+
+def test_out_must_not_be_an_input_nor_a_folder_of_other_files(store, tmp_path):
+    base = loop_mod.train(_config(epochs=1, max_steps=1), store, tmp_path / "base", progress=False).run_dir
+    store_files = sorted(p.relative_to(store) for p in store.rglob("*"))
+    for out, config in ((store, _config()), (base, _config(Strategy.FINETUNE, init=str(base))),
+                        (tmp_path, _config(Strategy.FINETUNE, init=str(base / "checkpoints" / "best.pt")))):  # fmt: skip
+        for overwrite in (False, True):
+            with pytest.raises(PelmarkError, match="--out must not be") as caught:
+                loop_mod.train(config, store, out, overwrite=overwrite, progress=False)
+            assert caught.value.path == out
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == store_files
+    assert checkpoint_path(base, "best").is_file()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(PelmarkError, match="not a pelmark run folder"):
+            loop_mod.train(_config(), store, precious, overwrite=overwrite, progress=False)
+    (precious / "run.json").write_text('{"format": "something else"}')
+    with pytest.raises(PelmarkError, match="pelmark did not write"):
+        loop_mod.train(_config(), store, precious, overwrite=True, progress=False)
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt", "run.json"]
+    result = _cli("train", "baseline", store, "--out", store, "--overwrite", "--no-progress")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1 and str(store) in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert loop_mod.train(_config(epochs=1, max_steps=1), store, empty, progress=False).status is RunStatus.COMPLETE
