@@ -74,11 +74,8 @@ class TrainConfig:
             many DDP processes, BatchNorm statistics included).
         lr: Adam learning rate (paper 1e-4).
         schedule: constant (paper) or cosine decay.
-        warmup_steps: the learning rate rises linearly from lr/warmup_steps to lr over this many
-            first steps, then follows ``schedule`` over the rest (0 = no warm-up, the paper's).
         size: side of the square model input (paper 512).
-        encoder, encoder_depth, encoder_weights, decoder_channels: the U-Net (see
-            :class:`~pelmark.train.model.ModelSpec`).
+        encoder, encoder_depth, encoder_weights: the U-Net (see :class:`~pelmark.train.model.ModelSpec`).
         init: checkpoint to start from (required by finetune; a run dir or a .pt file).
         target, disk_radius_px, gaussian_sigma_px, augment: the data (see :class:`~pelmark.train.data.DataSettings`).
         pos_weight: BCE weight of the mask's pixels against the background (paper: 1, plain BCE).
@@ -104,12 +101,10 @@ class TrainConfig:
     micro_batches: int = 1
     lr: float = 1e-4
     schedule: Schedule = Schedule.CONSTANT
-    warmup_steps: int = 0
     size: int = 512
     encoder: str = "resnet34"
     encoder_depth: int = 5
     encoder_weights: str | None = None
-    decoder_channels: tuple[int, ...] | None = None
     init: str | None = None
     target: TargetKind = TargetKind.DISK
     disk_radius_px: float = 6.0
@@ -146,8 +141,6 @@ class TrainConfig:
             problems.append("pos_weight must be positive")
         if not self.lr > 0 or not self.temperature > 0 or self.pel_weight < 0:
             problems.append("need lr > 0, temperature > 0 and pel_weight >= 0")
-        if self.warmup_steps < 0:
-            problems.append("warmup_steps must not be negative")
         if self.bn_recalibration_images < 0:
             problems.append("bn_recalibration_images must not be negative")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -158,10 +151,7 @@ class TrainConfig:
             raise PelmarkError("invalid train settings: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
-        if self.decoder_channels is not None:
-            values["decoder_channels"] = list(self.decoder_channels)
-        return values
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
 
     def differences(self, other: "TrainConfig", ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
         """(name, this config's value, the other's) of every field that differs, except those in ``ignore``."""
@@ -184,11 +174,6 @@ def _build(values: dict[str, Any], source: Path | None) -> TrainConfig:
             except ValueError:
                 known = ", ".join(k.value for k in kind)
                 raise PelmarkError(f"unknown {name} '{values[name]}' (known: {known})", source) from None
-    if values.get("decoder_channels") is not None:
-        channels = values["decoder_channels"]
-        if not isinstance(channels, (list, tuple)) or not all(isinstance(c, int) and not isinstance(c, bool) for c in channels):
-            raise PelmarkError(f"decoder_channels must be a list of whole numbers, got {channels!r}", source)
-        values["decoder_channels"] = tuple(channels)
     try:
         return TrainConfig(**values)
     except TypeError as error:

@@ -137,17 +137,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: Schedule) -> float:
-    """The learning rate of ``step`` as a fraction of ``lr``: a linear warm-up, then ``schedule`` over the rest."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule is Schedule.COSINE:
-        span = max(total_steps - warmup_steps, 1)
-        done = min(step - warmup_steps, span)
-        return 0.5 * (1 + math.cos(math.pi * done / span))
-    return 1.0
-
-
 def _rank_part(batch: np.ndarray, dist: Distributed) -> list[int]:
     return np.array_split(batch, dist.world)[dist.rank].tolist()
 
@@ -227,13 +216,14 @@ class Trainer:
             encoder=config.encoder,
             encoder_depth=config.encoder_depth,
             encoder_weights=config.encoder_weights,
-            decoder_channels=config.decoder_channels,
         )
         self.model = build_model(self.spec).to(dist.device)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, config.warmup_steps, config.schedule)
-        )
+        total = max(self.total_steps, 1)
+        if config.schedule is Schedule.COSINE:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
         self.net: nn.Module = self.model
         if dist.world > 1:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -249,10 +239,10 @@ class Trainer:
         if names != self.landmark_names:
             raise PelmarkError(f"--init checkpoint is for landmarks {list(names)}, the store has {list(self.landmark_names)}", Path(path))
         spec = ModelSpec.from_dict(state["model_spec"])
-        if (spec.encoder, spec.encoder_depth, spec.decoder_widths) != (self.spec.encoder, self.spec.encoder_depth, self.spec.decoder_widths):
+        if (spec.encoder, spec.encoder_depth) != (self.spec.encoder, self.spec.encoder_depth):
             raise PelmarkError(
-                f"--init checkpoint is a {spec.encoder} depth {spec.encoder_depth} U-Net with decoder {list(spec.decoder_widths)}, "
-                f"this run asks for {self.spec.encoder} depth {self.spec.encoder_depth} with decoder {list(self.spec.decoder_widths)}",
+                f"--init checkpoint is a {spec.encoder} depth {spec.encoder_depth} U-Net, "
+                f"this run asks for {self.spec.encoder} depth {self.spec.encoder_depth}",
                 Path(path),
             )
         self.model.load_state_dict(state["model"])
