@@ -179,8 +179,19 @@ def train(
     encoder_weights: Optional[Path] = typer.Option(None, help="Local file with encoder weights (nothing is downloaded)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this run folder or checkpoint (finetune needs it)."),
     pos_weight: Optional[float] = typer.Option(None, help="BCE weight of mask pixels [1 = the paper's plain BCE]."),
-    pel_weight: Optional[float] = typer.Option(None, help="λ of the composite loss [1]."),
-    pose_loss: Optional[str] = typer.Option(None, help="PEL's pose loss: paper (eq. 10), geodesic or mtre [paper]."),
+    pel_weight: Optional[float] = typer.Option(None, help="λ, the weight of PEL [1]."),
+    bce_weight: Optional[float] = typer.Option(
+        None, help="Weight of the BCE heatmap loss [baseline, composite 1; pel-only, finetune 0]; 1 on finetune = BCE + λ·PEL."
+    ),
+    pose_loss: Optional[str] = typer.Option(
+        None, help="PEL's pose loss: paper (eq. 10), geodesic, mtre or reprojection [paper]."
+    ),
+    soft_argmax: Optional[str] = typer.Option(
+        None, help="Points PEL registers: global (paper eqs. 1-2) or local (a window around the argmax) [global]."
+    ),
+    soft_argmax_radius: Optional[int] = typer.Option(None, help="Window radius of --soft-argmax local, model px [3]."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear learning-rate warm-up [0]."),
+    schedule: Optional[str] = typer.Option(None, help="Learning-rate schedule: constant or cosine [constant]."),
     solver: Optional[str] = typer.Option(None, help="Registration inside PEL: lm, adam or lbfgs [lm]."),
     temperature: Optional[float] = typer.Option(None, help="Soft-argmax temperature on the logits [1]."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random crop, scale, gamma, contrast, noise."),
@@ -204,8 +215,9 @@ def train(
     overrides = dict(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, micro_batches=micro_batches, lr=lr, size=size, encoder=encoder,
         encoder_depth=encoder_depth, encoder_weights=None if encoder_weights is None else str(encoder_weights),
-        init=None if init is None else str(init), pos_weight=pos_weight, pel_weight=pel_weight, pose_loss=pose_loss, solver=solver,
-        temperature=temperature, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
+        init=None if init is None else str(init), pos_weight=pos_weight, pel_weight=pel_weight, bce_weight=bce_weight,
+        pose_loss=pose_loss, soft_argmax=soft_argmax, soft_argmax_radius=soft_argmax_radius, warmup_steps=warmup_steps,
+        schedule=schedule, solver=solver, temperature=temperature, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
     )
     resolved = resolve_config(strategy, table, overrides, config)
     if auto_resume and not overwrite:

@@ -42,6 +42,13 @@ class Schedule(str, enum.Enum):
     COSINE = "cosine"  # cosine decay to 0 over the run's steps
 
 
+class SoftArgmax(str, enum.Enum):
+    """Which points PEL registers (see :mod:`pelmark.train.model`)."""
+
+    GLOBAL = "global"  # paper eqs. 1-2: softmax over the whole heatmap
+    LOCAL = "local"  # softmax over a window centred on the hard argmax
+
+
 class RunStatus(str, enum.Enum):
     """The final state recorded in ``run.json``; tables print ``DIV`` for a diverged run, as the paper does."""
 
@@ -74,13 +81,22 @@ class TrainConfig:
             many DDP processes, BatchNorm statistics included).
         lr: Adam learning rate (paper 1e-4).
         schedule: constant (paper) or cosine decay.
+        warmup_steps: the learning rate rises linearly from lr/warmup_steps to lr over this many
+            first steps, then follows ``schedule`` over the rest (0 = no warm-up, the paper's).
         size: side of the square model input (paper 512).
-        encoder, encoder_depth, encoder_weights: the U-Net (see :class:`~pelmark.train.model.ModelSpec`).
+        encoder, encoder_depth, encoder_weights, decoder_channels: the U-Net (see
+            :class:`~pelmark.train.model.ModelSpec`).
         init: checkpoint to start from (required by finetune; a run dir or a .pt file).
         target, disk_radius_px, gaussian_sigma_px, augment: the data (see :class:`~pelmark.train.data.DataSettings`).
         pos_weight: BCE weight of the mask's pixels against the background (paper: 1, plain BCE).
-        pel_weight: λ of paper eq. 9 (composite only; the paper does not give its value).
-        pose_loss: paper (eq. 10), geodesic or mtre (see :mod:`pelmark.registration.losses`).
+        pel_weight: λ of paper eq. 9, the weight of PEL in composite, pel-only and finetune
+            (the paper does not give its value).
+        bce_weight: weight of the BCE heatmap loss; None = the strategy's (1 for baseline and
+            composite, 0 for pel-only and finetune, the paper's). A finetune with
+            bce_weight 1 is the combined fine-tune, BCE + λ·PEL, from a baseline.
+        soft_argmax, soft_argmax_radius: the points PEL registers: ``global`` (paper eqs. 1-2)
+            or ``local`` (a window of this radius, in model px, around the hard argmax).
+        pose_loss: paper (eq. 10), geodesic, mtre or reprojection (see :mod:`pelmark.registration.losses`).
         solver: the registration inside PEL: lm (converged, implicit gradient) or the paper's adam / lbfgs.
         temperature: soft-argmax τ on the logits (see :mod:`pelmark.train.model`).
         val_fraction: share of the train split's images held out to choose the best checkpoint.
@@ -101,10 +117,12 @@ class TrainConfig:
     micro_batches: int = 1
     lr: float = 1e-4
     schedule: Schedule = Schedule.CONSTANT
+    warmup_steps: int = 0
     size: int = 512
     encoder: str = "resnet34"
     encoder_depth: int = 5
     encoder_weights: str | None = None
+    decoder_channels: tuple[int, ...] | None = None
     init: str | None = None
     target: TargetKind = TargetKind.DISK
     disk_radius_px: float = 6.0
@@ -112,6 +130,9 @@ class TrainConfig:
     augment: bool = False
     pos_weight: float = 1.0
     pel_weight: float = 1.0
+    bce_weight: float | None = None
+    soft_argmax: SoftArgmax = SoftArgmax.GLOBAL
+    soft_argmax_radius: int = 3
     pose_loss: PoseLoss = PoseLoss.PAPER
     solver: Solver = Solver.LM
     temperature: float = 1.0
@@ -141,6 +162,12 @@ class TrainConfig:
             problems.append("pos_weight must be positive")
         if not self.lr > 0 or not self.temperature > 0 or self.pel_weight < 0:
             problems.append("need lr > 0, temperature > 0 and pel_weight >= 0")
+        if self.bce_weight is not None and self.bce_weight < 0:
+            problems.append("bce_weight must not be negative")
+        if self.soft_argmax_radius < 1:
+            problems.append("soft_argmax_radius must be at least 1")
+        if self.warmup_steps < 0:
+            problems.append("warmup_steps must not be negative")
         if self.bn_recalibration_images < 0:
             problems.append("bn_recalibration_images must not be negative")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -150,8 +177,23 @@ class TrainConfig:
         if problems:
             raise PelmarkError("invalid train settings: " + "; ".join(problems))
 
+    @property
+    def bce(self) -> float:
+        """The BCE weight in force (see ``bce_weight``)."""
+        if self.bce_weight is not None:
+            return self.bce_weight
+        return 1.0 if self.strategy.uses_segmentation else 0.0
+
+    @property
+    def pel(self) -> float:
+        """The PEL weight in force: ``pel_weight`` for the strategies that use PEL, else 0."""
+        return self.pel_weight if self.strategy.uses_pel else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
+        values = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
+        if self.decoder_channels is not None:
+            values["decoder_channels"] = list(self.decoder_channels)
+        return values
 
     def differences(self, other: "TrainConfig", ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
         """(name, this config's value, the other's) of every field that differs, except those in ``ignore``."""
@@ -163,7 +205,14 @@ class TrainConfig:
         return _build(dict(values), source)
 
 
-_ENUMS = {"strategy": Strategy, "schedule": Schedule, "target": TargetKind, "pose_loss": PoseLoss, "solver": Solver}
+_ENUMS = {
+    "strategy": Strategy,
+    "schedule": Schedule,
+    "target": TargetKind,
+    "pose_loss": PoseLoss,
+    "solver": Solver,
+    "soft_argmax": SoftArgmax,
+}
 
 
 def _build(values: dict[str, Any], source: Path | None) -> TrainConfig:
@@ -174,6 +223,11 @@ def _build(values: dict[str, Any], source: Path | None) -> TrainConfig:
             except ValueError:
                 known = ", ".join(k.value for k in kind)
                 raise PelmarkError(f"unknown {name} '{values[name]}' (known: {known})", source) from None
+    if values.get("decoder_channels") is not None:
+        channels = values["decoder_channels"]
+        if not isinstance(channels, (list, tuple)) or not all(isinstance(c, int) and not isinstance(c, bool) for c in channels):
+            raise PelmarkError(f"decoder_channels must be a list of whole numbers, got {channels!r}", source)
+        values["decoder_channels"] = tuple(channels)
     try:
         return TrainConfig(**values)
     except TypeError as error:

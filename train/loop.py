@@ -58,13 +58,16 @@ from pelmark.train.checkpoint import (
     set_rng_state,
     write_run_json,
 )
-from pelmark.train.config import RunStatus, Schedule, Strategy, TrainConfig
+from pelmark.train.config import RunStatus, Schedule, SoftArgmax, Strategy, TrainConfig
 from pelmark.train.data import CropParams, DataSettings, StoreDataset
 from pelmark.train.losses import pel_term, segmentation_loss
 from pelmark.train.metrics import landmark_rmse, mean_rmse
 from pelmark.train.model import ModelSpec, build_model, hard_argmax
 
-STEP_FIELDS = ("step", "epoch", "loss", "seg_loss", "pel_loss", "pel_used", "pel_rot_deg", "pel_trans_mm", "lr", "images_per_s")
+STEP_FIELDS = (
+    "step", "epoch", "loss", "seg_loss", "pel_loss", "pel_used", "pel_rot_deg", "pel_trans_mm",
+    "soft_hard_px", "peak_logit", "mass_5px", "pel_logit_grad_norm", "lr", "images_per_s",
+)  # fmt: skip
 EPOCH_FIELDS = ("epoch", "step", "train_loss", "val_rmse_px", "seconds")
 
 
@@ -135,6 +138,17 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     order = numpy_generator(seed, "order", epoch).permutation(n)
     steps = max(1, n // batch_size)
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: Schedule) -> float:
+    """The learning rate of ``step`` as a fraction of ``lr``: a linear warm-up, then ``schedule`` over the rest."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule is Schedule.COSINE:
+        span = max(total_steps - warmup_steps, 1)
+        done = min(step - warmup_steps, span)
+        return 0.5 * (1 + math.cos(math.pi * done / span))
+    return 1.0
 
 
 def _rank_part(batch: np.ndarray, dist: Distributed) -> list[int]:
@@ -216,14 +230,13 @@ class Trainer:
             encoder=config.encoder,
             encoder_depth=config.encoder_depth,
             encoder_weights=config.encoder_weights,
+            decoder_channels=config.decoder_channels,
         )
         self.model = build_model(self.spec).to(dist.device)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
-        total = max(self.total_steps, 1)
-        if config.schedule is Schedule.COSINE:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-        else:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, config.warmup_steps, config.schedule)
+        )
         self.net: nn.Module = self.model
         if dist.world > 1:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -239,10 +252,10 @@ class Trainer:
         if names != self.landmark_names:
             raise PelmarkError(f"--init checkpoint is for landmarks {list(names)}, the store has {list(self.landmark_names)}", Path(path))
         spec = ModelSpec.from_dict(state["model_spec"])
-        if (spec.encoder, spec.encoder_depth) != (self.spec.encoder, self.spec.encoder_depth):
+        if (spec.encoder, spec.encoder_depth, spec.decoder_widths) != (self.spec.encoder, self.spec.encoder_depth, self.spec.decoder_widths):
             raise PelmarkError(
-                f"--init checkpoint is a {spec.encoder} depth {spec.encoder_depth} U-Net, "
-                f"this run asks for {self.spec.encoder} depth {self.spec.encoder_depth}",
+                f"--init checkpoint is a {spec.encoder} depth {spec.encoder_depth} U-Net with decoder {list(spec.decoder_widths)}, "
+                f"this run asks for {self.spec.encoder} depth {self.spec.encoder_depth} with decoder {list(self.spec.decoder_widths)}",
                 Path(path),
             )
         self.model.load_state_dict(state["model"])
@@ -307,7 +320,7 @@ class Trainer:
                     raise Diverged(f"non-finite loss ({float(loss.detach())})")
                 (loss / len(parts)).backward()
             rows.append(row)
-        row = {k: _mean_finite([r[k] for r in rows]) for k in rows[0]}
+        row = {k: _mean_finite([r.get(k, float("nan")) for r in rows]) for k in dict.fromkeys(k for r in rows for k in r)}
         row["pel_used"] = int(sum(r.get("pel_used", 0) for r in rows)) if "pel_used" in rows[0] else ""
         row["loss"] = self._agreed_loss(torch.tensor(row["loss"], dtype=torch.float64, device=self.dist.device))
         self._check_loss(row["loss"])
@@ -327,11 +340,11 @@ class Trainer:
         logits = logits.float()
         row: dict[str, Any] = {}
         loss = logits.new_zeros(())
-        if config.strategy.uses_segmentation:
+        if config.bce > 0:
             seg = segmentation_loss(logits, batch["heatmap_target"].to(device), config.pos_weight)
-            loss = loss + seg
+            loss = loss + config.bce * seg
             row["seg_loss"] = float(seg.detach())
-        if config.strategy.uses_pel:
+        if config.pel > 0:
             term = pel_term(
                 logits,
                 batch["visible"],
@@ -342,10 +355,15 @@ class Trainer:
                 config.temperature,
                 config.pose_loss,
                 config.solver,
+                window_radius=config.soft_argmax_radius if config.soft_argmax is SoftArgmax.LOCAL else None,
             )
-            weight = config.pel_weight if config.strategy is Strategy.COMPOSITE else 1.0
-            loss = loss + weight * term.loss
+            loss = loss + config.pel * term.loss
             row.update(pel_loss=float(term.loss.detach()), pel_used=term.n_used, pel_rot_deg=term.rotation_deg, pel_trans_mm=term.translation_mm)
+            row.update(term.diagnostics)
+            if term.loss.requires_grad and term.n_used:
+                # The size of PEL's pull on the heatmaps, apart from BCE's (a backward through the registration only).
+                (grad,) = torch.autograd.grad(term.loss, logits, retain_graph=True)
+                row["pel_logit_grad_norm"] = float(grad.norm())
         row["loss"] = float(loss.detach())
         return loss, row
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from pelmark.geometry import Camera
 from pelmark.registration import PoseLoss, Solver, pose_errors, pose_loss, register
-from pelmark.train.model import soft_argmax
+from pelmark.train.model import heatmap_diagnostics, local_soft_argmax, soft_argmax
 
 
 def segmentation_loss(logits: Tensor, targets: Tensor, pos_weight: float = 1.0) -> Tensor:
@@ -55,12 +55,15 @@ class PelTerm:
         loss: scalar, differentiable (0 with a zero gradient if every sample was degenerate).
         n_used: samples that entered the mean.
         rotation_deg, translation_mm: mean pose errors of the used samples (NaN if none).
+        diagnostics: how the registered points relate to the hard argmax (see
+            :func:`~pelmark.train.model.heatmap_diagnostics`).
     """
 
     loss: Tensor
     n_used: int
     rotation_deg: float
     translation_mm: float
+    diagnostics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def pel_term(
@@ -73,9 +76,19 @@ def pel_term(
     temperature: float,
     kind: PoseLoss = PoseLoss.PAPER,
     solver: Solver = Solver.LM,
+    window_radius: int | None = None,
 ) -> PelTerm:
-    """PEL for (B, L, S, S) logits; see the module docstring."""
-    points = to_reference_pixels(soft_argmax(logits, temperature), intrinsics, reference)
+    """PEL for (B, L, S, S) logits; see the module docstring.
+
+    ``window_radius`` None takes the paper's soft-argmax over the whole heatmap;
+    an integer restricts it to that window around the hard argmax.
+    """
+    if window_radius is None:
+        points_model = soft_argmax(logits, temperature)
+    else:
+        points_model = local_soft_argmax(logits, window_radius, temperature)
+    diagnostics = heatmap_diagnostics(logits, points_model, visible, temperature)
+    points = to_reference_pixels(points_model, intrinsics, reference)
     weights = visible.to(points.device, torch.float64)
     landmarks_3d = landmarks_3d.to(points.device, torch.float64)
     pose_true = pose_true.to(points.device, torch.float64)
@@ -83,9 +96,9 @@ def pel_term(
     used = ~result.degenerate
     n_used = int(used.sum())
     if n_used == 0:
-        return PelTerm(logits.sum() * 0.0, 0, float("nan"), float("nan"))
+        return PelTerm(logits.sum() * 0.0, 0, float("nan"), float("nan"), diagnostics)
     pose = result.pose[used]
-    loss = pose_loss(kind, pose, pose_true[used], landmarks_3d[used])
+    loss = pose_loss(kind, pose, pose_true[used], landmarks_3d[used], reference)
     with torch.no_grad():
         rotation, translation = pose_errors(pose.detach(), pose_true[used])
-    return PelTerm(loss.float(), n_used, float(rotation.mean()), float(translation.mean()))
+    return PelTerm(loss.float(), n_used, float(rotation.mean()), float(translation.mean()), diagnostics)

@@ -12,6 +12,7 @@ from pelmark.registration.init import closed_form_pose
 from pelmark.registration.losses import (
     PoseLoss,
     mtre_loss,
+    reprojection_loss,
     pel_paper,
     pose_errors,
     pose_geodesic_loss,
@@ -44,6 +45,7 @@ __all__ = [
     "Solver",
     "closed_form_pose",
     "mtre_loss",
+    "reprojection_loss",
     "pel_paper",
     "pose_errors",
     "pose_geodesic_loss",

@@ -17,6 +17,10 @@ CT volume centre) about which it rotates.
   the landmarks and averages the distances, in mm: the one unit that matters
   for landmark detection, weighting rotation by the lever arm the anatomy
   actually has, and invariant to the choice of origin.
+* :func:`reprojection_loss` projects the landmarks with both poses through the
+  camera and averages the distances between the two projections, in pixels:
+  the error that Table 1 measures, for the landmarks the registered pose
+  predicts.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor
 
 from pelmark.errors import PelmarkError
-from pelmark.geometry import rotation_angle_deg, transform_points
+from pelmark.geometry import Camera, project, rotation_angle_deg, transform_points
 from pelmark.types import Landmarks3D, Pose
 
 
@@ -37,6 +41,7 @@ class PoseLoss(str, enum.Enum):
     PAPER = "paper"
     GEODESIC = "geodesic"
     MTRE = "mtre"
+    REPROJECTION = "reprojection"
 
 
 def _safe_sqrt(value: Tensor) -> Tensor:
@@ -101,16 +106,36 @@ def target_registration_errors(pose_est: Pose, pose_true: Pose, points_world_mm:
     return _safe_sqrt((moved_est - moved_true).square().sum(-1)).mean(-1)
 
 
+def reprojection_loss(pose_est: Pose, pose_true: Pose, points_world_mm: Landmarks3D, camera: Camera) -> Tensor:
+    """Mean distance (px) between the landmarks projected with the estimated and with the true pose.
+
+    Args:
+        pose_est: (B, 6) estimated poses.
+        pose_true: (B, 6) true poses.
+        points_world_mm: (B, L, 3) or (L, 3) landmarks in the world frame.
+        camera: the camera both projections use.
+
+    Returns:
+        Scalar mean over the batch and the landmarks, in the camera's pixels.
+    """
+    points = points_world_mm.expand(pose_est.shape[0], -1, -1) if points_world_mm.ndim == 2 else points_world_mm
+    estimated = project(points, pose_est, camera)
+    true = project(points, pose_true, camera)
+    return _safe_sqrt((estimated - true).square().sum(-1)).mean()
+
+
 def pose_loss(
     kind: PoseLoss | str,
     pose_est: Pose,
     pose_true: Pose,
     points_world_mm: Landmarks3D | None = None,
+    camera: Camera | None = None,
 ) -> Tensor:
     """The pose loss named by ``kind``.
 
     Raises:
-        PelmarkError: for an unknown kind, or ``mtre`` without ``points_world_mm``.
+        PelmarkError: for an unknown kind, ``mtre`` or ``reprojection`` without
+            ``points_world_mm``, or ``reprojection`` without ``camera``.
     """
     try:
         kind = PoseLoss(kind)
@@ -121,5 +146,9 @@ def pose_loss(
     if kind is PoseLoss.GEODESIC:
         return pose_geodesic_loss(pose_est, pose_true)
     if points_world_mm is None:
-        raise PelmarkError("the mtre pose loss needs points_world_mm")
-    return mtre_loss(pose_est, pose_true, points_world_mm)
+        raise PelmarkError(f"the {kind.value} pose loss needs points_world_mm")
+    if kind is PoseLoss.MTRE:
+        return mtre_loss(pose_est, pose_true, points_world_mm)
+    if camera is None:
+        raise PelmarkError("the reprojection pose loss needs the camera")
+    return reprojection_loss(pose_est, pose_true, points_world_mm, camera)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pelmark.errors import PelmarkError
+from pelmark.geometry import Camera
 from pelmark.registration import PoseLoss, mtre_loss, pel_paper, pose_errors, pose_geodesic_loss, pose_loss
 
 F64 = torch.float64
@@ -54,7 +55,8 @@ def test_mtre_hand_values():
 def test_zero_at_equality_with_finite_gradient(kind):
     pose = torch.tensor([[0.3, -0.2, 0.1, 10.0, -5.0, 2.0]], dtype=F64, requires_grad=True)
     points = torch.randn(1, 8, 3, dtype=F64, generator=torch.Generator().manual_seed(0)) * 50
-    loss = pose_loss(kind, pose, pose.detach().clone(), points)
+    camera = Camera.centered(64, 64, spacing_mm=1.0)
+    loss = pose_loss(kind, pose, pose.detach().clone(), points, camera)
     assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
     loss.backward()
     assert torch.isfinite(pose.grad).all()
