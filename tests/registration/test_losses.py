@@ -70,9 +70,10 @@ def test_geodesic_is_symmetric_and_gradients_flow():
     points = torch.randn(5, 8, 3, dtype=F64, generator=generator) * 50
     torch.testing.assert_close(mtre_loss(a, b, points), mtre_loss(b, a, points))
     a.requires_grad_(True)
+    camera = Camera.centered(64, 64, spacing_mm=1.0)
     for kind in PoseLoss:
         a.grad = None
-        pose_loss(kind, a, b, points).backward()
+        pose_loss(kind, a, b, points, camera).backward()
         assert torch.isfinite(a.grad).all() and a.grad.abs().amax() > 0
 
 
