@@ -227,7 +227,7 @@ def rotation_to_rotvec(matrix: RotMat) -> RotVec:
     # Near π the antisymmetric part vanishes: take the axis from the symmetric part.
     near_pi = angle > math.pi - 1e-3
     if near_pi.any():
-        sym = (m + m.transpose(-1, -2)) / 2.0 - cos[..., None, None] * torch.eye(3, dtype=m.dtype)
+        sym = (m + m.transpose(-1, -2)) / 2.0 - cos[..., None, None] * torch.eye(3, dtype=m.dtype, device=m.device)
         col = sym.diagonal(dim1=-2, dim2=-1).argmax(-1)
         axis = torch.gather(sym, -1, col[..., None, None].expand(*sym.shape[:-1], 1)).squeeze(-1)
         axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,53 @@
+"""rotation_to_rotvec near π, where the axis comes from the symmetric part (PA views reach this branch)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pelmark.geometry import Camera, nominal_rotation, project, rodrigues, rotation_to_rotvec, sample_poses
+
+
+def _axes(n: int, seed: int) -> torch.Tensor:
+    axes = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 3)))
+    return axes / axes.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-9, 1e-6, 5e-4, 9.9e-4])
+def test_round_trip_within_1e_3_rad_of_pi(offset):
+    rotvec = _axes(64, seed=7) * (math.pi - offset)
+    matrix = rodrigues(rotvec)
+    back = rotation_to_rotvec(matrix)
+    torch.testing.assert_close(rodrigues(back), matrix, rtol=0, atol=1e-9)
+    torch.testing.assert_close(back.norm(dim=-1), torch.full((64,), math.pi - offset, dtype=torch.float64), rtol=0, atol=1e-7)
+
+
+def test_pa_nominal_view_by_hand():
+    # PA: 180° about the superior (z) axis, so the rotation vector is ±π z.
+    back = rotation_to_rotvec(nominal_rotation("pa")[None])[0]
+    assert back.abs().tolist() == pytest.approx([0.0, 0.0, math.pi], abs=1e-12)
+
+
+@pytest.mark.gpu
+def test_pa_poses_register_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from pelmark.registration import register, register_robust
+
+    camera = Camera.centered(768, sdd_mm=1020.0, spacing_mm=0.388, sid_mm=850.0)
+    rng = np.random.default_rng(3)
+    poses = torch.from_numpy(sample_poses(8, 2.0, 10.0, rng, view="pa"))
+    poses[0, :3] = torch.tensor([0.0, 0.0, math.pi], dtype=torch.float64)  # exactly PA: the near-π branch
+    points = torch.from_numpy(rng.uniform(-1, 1, size=(8, 8, 3)) * np.array([120.0, 60.0, 80.0]))
+    landmarks = project(points, poses, camera)
+    assert rotation_to_rotvec(rodrigues(poses[:, :3].cuda())).is_cuda
+    weights = torch.ones(8, 8, dtype=torch.float64, device="cuda")
+    result = register(landmarks.cuda(), weights, points.cuda(), camera)
+    assert not bool(result.degenerate.any())
+    reprojected = project(points.cuda(), result.pose, camera)
+    assert float((reprojected - landmarks.cuda()).norm(dim=-1).max()) < 1e-3
+    robust = register_robust(landmarks.cuda(), weights, points.cuda(), camera)
+    assert robust.inliers.is_cuda and bool(robust.inliers.all())
