@@ -3,7 +3,8 @@
 Renders the same views of one CT two ways in one run:
 
 1. pelmark: ``DRRRenderer`` with the render settings and camera that ``pelmark synth``
-   uses by default (trilinear, cropped to the body, per-ray segments, ``step_voxels``).
+   uses by default (trilinear, cropped to the body, antialiased to the detector's
+   resolution at the isocentre, sampled on the slices each ray crosses).
 2. naive DiffDRR: ``diffdrr.data.read`` of the CT, ``DRR(subject, sdd=1020, height=768,
    delx=0.388)`` with the default Siddon renderer, called once per pose with the
    equivalent DiffDRR pose from ``geometry.to_diffdrr``. It is given ``patch_size``
@@ -15,18 +16,23 @@ Accuracy is the normalised cross-correlation (NCC) of each pelmark image with th
 exact Siddon image of the same attenuation model (pelmark's own subject, rendered
 by ``RendererKind.SIDDON`` without cropping); the NCC against the naive image,
 whose ``read`` maps HU to density differently, is reported for information.
+Siddon traces one ray through each pixel's centre; a real detector averages
+what falls on the whole pixel. ``--supersample N`` also compares with that:
+Siddon at N x N rays per pixel, averaged (N² times as slow).
 
 Times are per DRR, after one warm-up render: the median over views, and the
 minimum, the least disturbed estimate. On a machine shared with other work the
 median suffers more for pelmark than for the naive loop: pelmark keeps every
 thread busy, and an OpenMP parallel region waits for its slowest thread, while
-DiffDRR's single-pose call runs ``grid_sample`` on one core. Peak memory is the
+DiffDRR's single-pose call runs ``grid_sample`` on one core. The load average
+is printed with the times: compare runs made under the same load only. Peak memory is the
 process's resident set, sampled every 20 ms: ``peak_rss_gb`` covers loading the
 CT and pelmark's rendering; ``peak_rss_gb_all`` the whole run.
 
 Usage:
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth_bench.py
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth_bench.py --compile
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth_bench.py --size 128 --views 16 --naive-views 2
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth_bench.py --sampling uniform --compile
     .venv/bin/python benchmarks/synth_bench.py --ct pelvis.nii.gz --views 20 --naive-views 1
 """
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import sys
@@ -48,7 +55,7 @@ import torch
 
 from pelmark import geometry
 from pelmark.io.ct import CTVolume, load_ct
-from pelmark.synth.render import DRRRenderer, RendererKind, RenderSettings
+from pelmark.synth.render import DRRRenderer, RendererKind, RenderSettings, Sampling
 from pelmark.synth.settings import SynthSettings
 
 
@@ -140,11 +147,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="torch.compile the renderer (default: as pelmark synth does)",
     )
+    parser.add_argument(
+        "--sampling", choices=[s.value for s in Sampling], default=None, help="trilinear sampling (default: as synth)"
+    )
+    parser.add_argument(
+        "--antialias", action=argparse.BooleanOptionalAction, default=None, help="(default: as pelmark synth does)"
+    )
     parser.add_argument("--naive-patch-size", type=int, default=128, help="patch_size of the naive DRR (memory only)")
+    parser.add_argument(
+        "--supersample", type=int, default=1, help="also compare with Siddon at N x N rays per pixel, averaged"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not 0 <= args.naive_views <= args.views:
         parser.error("--naive-views must be between 0 and --views")
+    if args.supersample < 1:
+        parser.error("--supersample must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     return args
@@ -165,7 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
     synth = SynthSettings()
     spacing_mm = synth.pixel_spacing * synth.height / args.size
     camera = geometry.Camera.centered(args.size, sdd_mm=synth.sdd, spacing_mm=spacing_mm, sid_mm=synth.sid)
-    settings = synth.render if args.compile is None else dataclasses.replace(synth.render, compile=args.compile)
+    overrides = {"compile": args.compile, "antialias": args.antialias}
+    if args.sampling is not None:
+        overrides["sampling"] = Sampling(args.sampling)
+    settings = dataclasses.replace(synth.render, **{k: v for k, v in overrides.items() if v is not None})
     rng = np.random.default_rng(args.seed)
     poses = torch.from_numpy(geometry.sample_poses(args.views, synth.rotation_range, synth.translation_range, rng))
 
@@ -187,18 +208,25 @@ def main(argv: list[str] | None = None) -> dict:
         synchronize(device)
         setup_s = time.perf_counter() - tic
         render_volume_shape = list(renderer.volume_shape)
+        block = list(renderer.block)
         print(f"pelmark: {settings}")
-        print(f"pelmark: volume cropped to {tuple(render_volume_shape)}; set-up and warm-up {setup_s:.1f} s")
+        print(
+            f"pelmark: volume cropped and averaged in blocks of {tuple(block)} voxels to "
+            f"{tuple(render_volume_shape)}; set-up and warm-up {setup_s:.1f} s"
+        )
+        load_before = os.getloadavg()[0]
         pelmark_times, pelmark_images = time_pelmark(renderer, poses, batch)
+        load = (load_before + os.getloadavg()[0]) / 2
         del renderer
     pelmark_s = statistics.median(pelmark_times)
     print(
         f"pelmark: {pelmark_s:.3f} s per DRR (median of {len(pelmark_times)}, min {min(pelmark_times):.3f}), "
-        f"{1.0 / pelmark_s:.2f} DRR/s, peak RSS {memory.peak_bytes / 2**30:.2f} GB"
+        f"{1.0 / pelmark_s:.2f} DRR/s, peak RSS {memory.peak_bytes / 2**30:.2f} GB; "
+        f"load average {load:.2f} on {os.cpu_count()} CPUs"
     )
 
     # ---- the exact reference and the naive loop, on the first views
-    naive_s = ncc_siddon = ncc_naive = rel_l1_siddon = float("nan")
+    naive_s = ncc_siddon = ncc_naive = rel_l1_siddon = ncc_pixel = rel_l1_pixel = float("nan")
     if args.naive_views:
         subset, ours = poses[: args.naive_views], pelmark_images[: args.naive_views]
         tic = time.perf_counter()
@@ -210,6 +238,20 @@ def main(argv: list[str] | None = None) -> dict:
         ncc_siddon, rel_l1_siddon = min(ncc_each), max(rel_l1)
         print(f"Siddon reference (pelmark's attenuation, uncropped): {siddon_s:.1f} s per DRR")
         print(f"NCC vs Siddon: {[round(v, 5) for v in ncc_each]}; mean |diff| / mean: {[round(v, 4) for v in rel_l1]}")
+        if args.supersample > 1:
+            n = args.supersample
+            fine = geometry.Camera.centered(args.size * n, sdd_mm=synth.sdd, spacing_mm=spacing_mm / n, sid_mm=synth.sid)
+            pixels = DRRRenderer(ct, fine, exact, device=device).render(subset)
+            pixels = torch.nn.functional.avg_pool2d(pixels[:, None], n)[:, 0].cpu()
+            for name, images in (("pelmark", ours), ("Siddon", reference)):
+                ncc_each = [ncc(a, b) for a, b in zip(images, pixels)]
+                rel_l1 = [float((a - b).abs().mean() / b.abs().mean()) for a, b in zip(images, pixels)]
+                print(
+                    f"NCC of {name} vs Siddon averaged over {n}x{n} rays per pixel: {[round(v, 6) for v in ncc_each]}; "
+                    f"mean |diff| / mean: {[round(v, 4) for v in rel_l1]}"
+                )
+                if name == "pelmark":
+                    ncc_pixel, rel_l1_pixel = min(ncc_each), max(rel_l1)
 
         naive_subject = subject if subject is not None else read(str(args.ct))
         patch_size = args.naive_patch_size if args.naive_patch_size < args.size else None
@@ -233,14 +275,19 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": round(naive_s / pelmark_s, 1),
         "ncc_vs_siddon": round(ncc_siddon, 6),
         "rel_l1_vs_siddon": round(rel_l1_siddon, 5),
+        "ncc_vs_pixel_averaged_siddon": round(ncc_pixel, 6),
+        "rel_l1_vs_pixel_averaged_siddon": round(rel_l1_pixel, 5),
         "ncc_vs_naive_diffdrr": round(ncc_naive, 4),
         "peak_rss_gb": round(memory.peak_bytes / 2**30, 3),
         "peak_rss_gb_all": round(peak_all_gb, 3),
         "size": args.size,
         "volume_shape": list(ct.shape),
         "render_volume_shape": render_volume_shape,
-        "step_voxels": settings.step_voxels,
+        "sampling": Sampling(settings.sampling).value,
+        "antialias_block": block,
         "compile": settings.compile,
+        "batch": batch,
+        "load_average": round(load, 2),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "n_views": args.views,

@@ -9,7 +9,7 @@ from typing import Any
 
 from pelmark.errors import PelmarkError
 from pelmark.geometry import NOMINAL_VIEWS, Camera
-from pelmark.synth.render import RendererKind, RenderSettings
+from pelmark.synth.render import RendererKind, RenderSettings, Sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,9 @@ class SynthSettings:
     RUNTIME_FIELDS = ("device", "scheduler", "workers", "threads", "batch_size", "compile")
     # Render settings that change speed or memory but not the images.
     RUNTIME_RENDER_FIELDS = ("chunk_samples", "compile")
+    # Render settings added after stores existed that do not change a Siddon image: left out of a
+    # Siddon store's fingerprint, so that such stores keep theirs.
+    TRILINEAR_ONLY_RENDER_FIELDS = ("sampling", "antialias")
 
     def __post_init__(self):
         problems = []
@@ -81,7 +84,7 @@ class SynthSettings:
     def render(self) -> RenderSettings:
         base = RenderSettings(renderer=RendererKind(self.renderer), compile=self.compile)
         if self.n_points is not None:
-            base = dataclasses.replace(base, n_points=self.n_points)
+            base = dataclasses.replace(base, sampling=Sampling.UNIFORM, n_points=self.n_points)
         return base
 
     def data_fields(self) -> dict[str, Any]:
@@ -93,10 +96,13 @@ class SynthSettings:
             values.pop("view")  # the default: stores written before the setting existed keep their fingerprint
         values["renderer"] = RendererKind(self.renderer).value
         values["width"] = self.width if self.width is not None else self.height
+        left_out = self.RUNTIME_RENDER_FIELDS
+        if self.renderer == RendererKind.SIDDON:
+            left_out += self.TRILINEAR_ONLY_RENDER_FIELDS
         values["render"] = {
             k: (v.value if hasattr(v, "value") else v)
             for k, v in dataclasses.asdict(self.render).items()
-            if k not in self.RUNTIME_RENDER_FIELDS
+            if k not in left_out
         }
         return values
 
