@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed-stamp
 
 OUT ?= outputs
 PHANTOM_DIR ?= $(OUT)/phantom
-PHANTOM_SUBJECTS ?= 6
+PHANTOM_SUBJECTS ?= 12
+PHANTOM_NOVEL ?= 4
 PHANTOM_SPACING ?= 2.5
 SEED ?= 0
 MANIFEST ?= $(PHANTOM_DIR)/manifest.toml
@@ -41,16 +42,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install pelmark with its dependencies
 
-demo: ## Everything on the built-in phantom cohort: CTs, DRRs, baseline, fine-tune, Table 1 and figures
-	$(MAKE) --no-print-directory synth preview
-	$(MAKE) --no-print-directory train-finetune
-	$(MAKE) --no-print-directory eval EVAL_STRATEGIES="baseline finetune"
-	@echo "cohort: $(PHANTOM_DIR)  store: $(STORE)  runs: $(RUNS)  results: $(EVAL_OUT) (table1.csv, figures)"
+demo: $(STAMP) ## Everything on the built-in phantom cohort: CTs, DRRs, baseline, fine-tune, Table 1 and figures
+	@set -e; t0=$$(date +%s); \
+	$(MAKE) --no-print-directory synth preview; t1=$$(date +%s); \
+	$(MAKE) --no-print-directory train-baseline; t2=$$(date +%s); \
+	$(MAKE) --no-print-directory train-finetune; t3=$$(date +%s); \
+	$(MAKE) --no-print-directory eval EVAL_STRATEGIES="baseline finetune" EVAL_ARGS="--refine $(EVAL_ARGS)"; t4=$$(date +%s); \
+	echo "cohort: $(PHANTOM_DIR)  store: $(STORE)  runs: $(RUNS)  results: $(EVAL_OUT) (table1.csv, figures)"; \
+	echo "stage seconds: phantom+synth+preview $$((t1-t0)), baseline $$((t2-t1)), finetune $$((t3-t2)), eval $$((t4-t3)), total $$((t4-t0))" \
+	  | tee $(OUT)/demo_timing.txt
 
 phantom: $(PHANTOM_DIR)/manifest.toml ## Write the phantom pelvis cohort (CTs, landmarks, manifest, preview.png)
 
 $(PHANTOM_DIR)/manifest.toml: | $(STAMP)
-	$(PELMARK) phantom $(PHANTOM_DIR) --subjects $(PHANTOM_SUBJECTS) --seed $(SEED) --spacing $(PHANTOM_SPACING)
+	$(PELMARK) phantom $(PHANTOM_DIR) --subjects $(PHANTOM_SUBJECTS) --novel-subjects $(PHANTOM_NOVEL) --seed $(SEED) --spacing $(PHANTOM_SPACING)
 
 synth: $(STAMP) $(MANIFEST_DEP) ## Render MANIFEST's DRRs into STORE (resumes; see pelmark synth --help)
 	$(PELMARK) synth $(MANIFEST) --out $(STORE) $(SYNTH_ARGS)

@@ -183,6 +183,9 @@ def train(
     bce_weight: Optional[float] = typer.Option(
         None, help="Weight of the BCE heatmap loss [baseline, composite 1; pel-only, finetune 0]; 1 on finetune = BCE + λ·PEL."
     ),
+    softmax_weight: Optional[float] = typer.Option(
+        None, help="Weight of the spatial-softmax cross-entropy added to BCE [0 = the paper's BCE alone]."
+    ),
     pose_loss: Optional[str] = typer.Option(
         None, help="PEL's pose loss: paper (eq. 10), geodesic, mtre or reprojection [paper]."
     ),
@@ -215,7 +218,7 @@ def train(
     overrides = dict(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, micro_batches=micro_batches, lr=lr, size=size, encoder=encoder,
         encoder_depth=encoder_depth, encoder_weights=None if encoder_weights is None else str(encoder_weights),
-        init=None if init is None else str(init), pos_weight=pos_weight, pel_weight=pel_weight, bce_weight=bce_weight,
+        init=None if init is None else str(init), pos_weight=pos_weight, pel_weight=pel_weight, bce_weight=bce_weight, softmax_weight=softmax_weight,
         pose_loss=pose_loss, soft_argmax=soft_argmax, soft_argmax_radius=soft_argmax_radius, warmup_steps=warmup_steps,
         schedule=schedule, solver=solver, temperature=temperature, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
     )

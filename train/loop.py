@@ -60,12 +60,12 @@ from pelmark.train.checkpoint import (
 )
 from pelmark.train.config import RunStatus, Schedule, SoftArgmax, Strategy, TrainConfig
 from pelmark.train.data import CropParams, DataSettings, StoreDataset
-from pelmark.train.losses import pel_term, segmentation_loss
+from pelmark.train.losses import pel_term, segmentation_loss, spatial_softmax_loss
 from pelmark.train.metrics import landmark_rmse, mean_rmse
 from pelmark.train.model import ModelSpec, build_model, hard_argmax
 
 STEP_FIELDS = (
-    "step", "epoch", "loss", "seg_loss", "pel_loss", "pel_used", "pel_rot_deg", "pel_trans_mm",
+    "step", "epoch", "loss", "seg_loss", "softmax_loss", "pel_loss", "pel_used", "pel_rot_deg", "pel_trans_mm",
     "soft_hard_px", "peak_logit", "mass_5px", "pel_logit_grad_norm", "lr", "images_per_s",
 )  # fmt: skip
 EPOCH_FIELDS = ("epoch", "step", "train_loss", "val_rmse_px", "seconds")
@@ -341,9 +341,14 @@ class Trainer:
         row: dict[str, Any] = {}
         loss = logits.new_zeros(())
         if config.bce > 0:
-            seg = segmentation_loss(logits, batch["heatmap_target"].to(device), config.pos_weight)
+            targets = batch["heatmap_target"].to(device)
+            seg = segmentation_loss(logits, targets, config.pos_weight)
             loss = loss + config.bce * seg
             row["seg_loss"] = float(seg.detach())
+            if config.softmax_weight > 0:
+                spatial = spatial_softmax_loss(logits, targets, batch["visible"])
+                loss = loss + config.bce * config.softmax_weight * spatial
+                row["softmax_loss"] = float(spatial.detach())
         if config.pel > 0:
             term = pel_term(
                 logits,

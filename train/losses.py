@@ -37,6 +37,36 @@ def segmentation_loss(logits: Tensor, targets: Tensor, pos_weight: float = 1.0) 
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=weight)
 
 
+def spatial_softmax_loss(logits: Tensor, targets: Tensor, visible: Tensor) -> Tensor:
+    """Cross-entropy between each heatmap's softmax over its pixels and its target, normalised to sum 1.
+
+    Each landmark becomes an S²-way classification of where it lies, so the
+    gradient points at the true location however small the target is, unlike
+    BCE, whose positive pixels are a few dozen among S² (for a Gaussian
+    target this is the KL divergence of seed 003_* up to the target's
+    constant entropy). It also trains the softmax that the soft-argmax of PEL
+    reads to concentrate on the landmark. Invisible landmarks (empty targets)
+    weigh 0.
+
+    Args:
+        logits: (B, L, H, W).
+        targets: (B, L, H, W) non-negative targets (disk or Gaussian).
+        visible: (B, L) bool.
+
+    Returns:
+        Scalar mean over the visible landmarks (0 with a zero gradient if none).
+    """
+    batch, landmarks = logits.shape[:2]
+    log_p = torch.log_softmax(logits.float().reshape(batch, landmarks, -1), dim=-1)
+    target = targets.float().reshape(batch, landmarks, -1)
+    mass = target.sum(-1)
+    use = visible.to(logits.device, torch.bool) & (mass > 0)
+    if not bool(use.any()):
+        return logits.sum() * 0.0
+    q = target[use] / mass[use][:, None]
+    return -(q * log_p[use]).sum(-1).mean()
+
+
 def to_reference_pixels(points_px: Tensor, intrinsics: Tensor, reference: Camera) -> Tensor:
     """Move (B, L, 2) points from each sample's camera (``intrinsics`` rows: fx, fy, cx, cy, ...) into ``reference``."""
     intrinsics = intrinsics.to(points_px.device, torch.float64)

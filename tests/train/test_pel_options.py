@@ -172,3 +172,38 @@ def test_combined_finetune_logs_both_losses_and_the_diagnostics(store, tmp_path)
         assert 0.0 <= float(r["soft_hard_px"]) <= 2.0 * math.sqrt(2) + 1e-6
         assert float(r["pel_logit_grad_norm"]) > 0.0
         assert float(r["loss"]) == pytest.approx(float(r["seg_loss"]) + 0.5 * float(r["pel_loss"]), rel=1e-4)
+
+
+# ---------------------------------------------------------------- spatial-softmax cross-entropy
+
+
+def test_spatial_softmax_loss_by_hand():
+    from pelmark.train.losses import spatial_softmax_loss
+
+    targets = torch.zeros(1, 2, 4, 4)
+    targets[0, 0, 1, 2] = 1.0
+    targets[0, 1, 0, 0] = 1.0
+    flat = torch.zeros(1, 2, 4, 4)
+    visible = torch.tensor([[True, False]])
+    # A flat heatmap puts 1/16 on the target pixel; the invisible landmark weighs 0.
+    assert float(spatial_softmax_loss(flat, targets, visible)) == pytest.approx(math.log(16.0))
+    sharp = flat.clone()
+    sharp[0, 0, 1, 2] = 30.0
+    assert float(spatial_softmax_loss(sharp, targets, visible)) == pytest.approx(0.0, abs=1e-9)
+    # A target spread over two pixels is normalised: the loss is the cross-entropy against (1/2, 1/2).
+    spread = torch.zeros(1, 1, 4, 4)
+    spread[0, 0, 0, :2] = 0.5
+    assert float(spatial_softmax_loss(torch.zeros(1, 1, 4, 4), spread, torch.tensor([[True]]))) == pytest.approx(math.log(16.0))
+    nothing = spatial_softmax_loss(flat.requires_grad_(True), targets, torch.tensor([[False, False]]))
+    nothing.backward()
+    assert float(nothing) == 0.0 and float(flat.grad.abs().sum()) == 0.0
+
+
+def test_finetune_defaults_to_the_local_window_and_the_reprojection_loss():
+    from pelmark.registration import PoseLoss
+
+    config = resolve_config("finetune")
+    assert (config.soft_argmax, config.pose_loss) == (SoftArgmax.LOCAL, PoseLoss.REPROJECTION)
+    paper = resolve_config("finetune", {"soft_argmax": "global", "pose_loss": "paper"})
+    assert (paper.soft_argmax, paper.pose_loss) == (SoftArgmax.GLOBAL, PoseLoss.PAPER)
+    assert resolve_config("composite").soft_argmax is SoftArgmax.GLOBAL

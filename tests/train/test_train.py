@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -23,7 +24,7 @@ from pelmark.train.checkpoint import checkpoint_path, load_checkpoint, load_run,
 from pelmark.train.config import RunStatus, Strategy, TrainConfig, resolve_config
 from pelmark.train.losses import segmentation_loss, to_reference_pixels
 from pelmark.train.metrics import landmark_rmse, mean_rmse
-from pelmark.train.model import hard_argmax, soft_argmax
+from pelmark.train.model import ModelSpec, build_model, hard_argmax, soft_argmax
 
 TINY = dict(size=32, encoder="resnet18", encoder_depth=3, batch_size=2, workers=0, device="cpu", checkpoint_every=1, lr=1e-3)
 
@@ -145,9 +146,16 @@ def test_pel_strategies_run_and_change_the_weights(store, tmp_path, strategy):
     run = tmp_path / strategy.value
     report = loop_mod.train(_config(strategy, epochs=1, max_steps=2, divergence_factor=1e12), store, run, progress=False)
     assert report.status is RunStatus.COMPLETE
-    rows = (run / "metrics_steps.csv").read_text().splitlines()[1:]
-    pel = [float(r.split(",")[4]) for r in rows]
-    assert all(math.isfinite(v) and v > 0 for v in pel)
+    with open(run / "metrics_steps.csv", newline="") as handle:
+        pel = [float(r["pel_loss"]) for r in csv.DictReader(handle)]
+    assert pel and all(math.isfinite(v) and v > 0 for v in pel)
+    # The trainer seeds torch with the config's seed before building the model: rebuild those initial weights.
+    config = _config(strategy, epochs=1, max_steps=2, divergence_factor=1e12)
+    torch.manual_seed(config.seed)
+    initial = build_model(ModelSpec(classes=len(load_run(run).landmark_names), encoder=config.encoder, encoder_depth=config.encoder_depth)).state_dict()
+    trained = _weights(run)
+    changed = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, trained[k])]
+    assert any("decoder" in k for k in changed) and any("encoder" in k for k in changed)
 
 
 def test_finetune_starts_from_the_baseline(store, tmp_path):
