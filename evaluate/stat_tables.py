@@ -12,7 +12,7 @@ comparison.csv
     ``split, model, baseline, Mean, baseline_Mean, difference, lo, hi,
     relative_pct, p_value, resampled, note``: every other row of the table
     (runs, ``+reg`` rows, the reference) against the first run given, paired
-    by image. ``note`` says why a row has no numbers, or that the model sizes
+    by image; then each other run's ``+reg`` row against that run's raw row. ``note`` says why a row has no numbers, or that the model sizes
     (hence the px) differ.
 robust.csv
     ``split, model, status, n_visible, median_px, p90_px, within_2px,
@@ -35,6 +35,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pelmark.evaluate.predict import Predictions, SplitTruth
+from pelmark.evaluate.refine import REFINED_SUFFIX
 from pelmark.evaluate.stats import (
     CONFIDENCE,
     WITHIN_PX,
@@ -113,21 +114,27 @@ def _interval_cells(cells: RmseIntervals) -> dict[str, Any]:
 
 
 def comparison_rows(entries: Sequence[Entry], baseline: str, draws: dict[str, Resampling]) -> list[dict[str, Any]]:
-    """``comparison.csv`` rows: per split, every row but the baseline's against the baseline (paired)."""
+    """``comparison.csv`` rows: per split, every row but the baseline's against the baseline (paired),
+    then every other run's ``<run>+reg`` row against its own raw ``<run>`` row."""
     rows = []
     for split in dict.fromkeys(e.row.split for e in entries):
         shown = [e for e in entries if e.row.split == split]
-        base = next((e for e in shown if e.row.model == baseline), None)
-        for entry in shown:
-            if entry is base:
-                continue
-            values: dict[str, Any] = {"split": split, "model": entry.row.model, "baseline": baseline}
-            if base is None or base.predictions is None:
+        by_name = {e.row.model: e for e in shown}
+        base = by_name.get(baseline)
+        pairs = [(base, baseline, e) for e in shown if e is not base]
+        refined = [e for e in shown if e.row.model.endswith(REFINED_SUFFIX)]
+        for entry in refined:
+            raw_name = entry.row.model.removesuffix(REFINED_SUFFIX)
+            if raw_name != baseline and raw_name in by_name:
+                pairs.append((by_name[raw_name], raw_name, entry))
+        for reference, reference_name, entry in pairs:
+            values: dict[str, Any] = {"split": split, "model": entry.row.model, "baseline": reference_name}
+            if reference is None or reference.predictions is None:
                 values["note"] = "baseline diverged (DIV)"
             elif entry.predictions is None:
                 values["note"] = "diverged (DIV)"
             else:
-                values.update(_paired(base.predictions, entry.predictions, draws[split]))
+                values.update(_paired(reference.predictions, entry.predictions, draws[split]))
             rows.append(values)
     return rows
 

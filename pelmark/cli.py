@@ -275,7 +275,10 @@ def eval_(
     report = evaluate_runs(runs, store, out, settings)
     typer.echo(format_table(report.table1, len(report.landmark_names), mean_intervals(report.intervals)))
     if report.comparison:
-        typer.echo(f"\nMean RMSE against {report.comparison[0]['baseline']} (paired bootstrap, 95% CI, two-sided p):")
+        typer.echo(
+            f"\nMean RMSE against {report.comparison[0]['baseline']}, and of each +reg row against its own run"
+            " (paired bootstrap, 95% CI, two-sided p):"
+        )
         typer.echo(format_comparison(report.comparison))
     for note in report.notes:
         typer.echo(f"note: {note}")

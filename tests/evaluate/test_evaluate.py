@@ -503,9 +503,16 @@ def test_cli_statistics_and_refined_rows(store, runs, tmp_path):
         )
 
     comparison = list(csv.DictReader(open(out / "comparison.csv", newline="")))
+    # Every row against the first run, then each other run's refined row against its own raw row.
     assert [(r["split"], r["model"], r["baseline"]) for r in comparison] == [
-        (split, m, "run_a") for split in ("novel_view", "novel_subject") for m in order[1:]
+        row
+        for split in ("novel_view", "novel_subject")
+        for row in [(split, m, "run_a") for m in order[1:]] + [(split, "run_b+reg", "run_b")]
     ]
+    own = {r["split"]: r for r in comparison if r["baseline"] == "run_b"}
+    versus_a = {r["split"]: r for r in comparison if r["model"] == "run_a+reg"}
+    for split, row in own.items():  # run_b is a copy of run_a, so its refinement compares the same way
+        assert row["difference"] == versus_a[split]["difference"] and row["p_value"] == versus_a[split]["p_value"]
     for row in comparison:
         assert float(row["lo"]) <= float(row["difference"]) <= float(row["hi"]) and 0 < float(row["p_value"]) <= 1
         if row["model"] == "run_b":  # a copy of run_a: no difference at all
