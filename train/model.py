@@ -43,8 +43,9 @@ class ModelSpec:
         encoder_depth: number of encoder stages, 3 to 5 (the paper uses 5).
         in_channels: image channels (1 for X-ray).
         encoder_weights: optional local file with the encoder's state dict.
-        decoder_channels: widths of the decoder's blocks, one per encoder stage (None = smp's
-            defaults, 256, 128, 64, 32, 16, cut to the depth). The decoder's full-resolution
+        decoder_channels: widths of the decoder's blocks from the deepest up, at least one per
+            encoder stage; a shallower encoder uses the first ``encoder_depth`` of them, as with
+            smp's defaults (None = 256, 128, 64, 32, 16). The decoder's full-resolution
             blocks cost most of a step at small inputs: halving them makes a 128² U-Net of
             depth 4 about twice as fast on a CPU (see the README's ablation).
     """
@@ -59,9 +60,9 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.decoder_channels is not None:
             object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
-            if len(self.decoder_channels) != self.encoder_depth or min(self.decoder_channels) < 1:
+            if len(self.decoder_channels) < self.encoder_depth or min(self.decoder_channels) < 1:
                 raise PelmarkError(
-                    f"decoder_channels needs {self.encoder_depth} positive widths (one per encoder stage), "
+                    f"decoder_channels needs at least {self.encoder_depth} positive widths (one per encoder stage), "
                     f"got {list(self.decoder_channels)}"
                 )
         if self.classes < 1:
@@ -71,7 +72,7 @@ class ModelSpec:
 
     @property
     def decoder_widths(self) -> tuple[int, ...]:
-        return self.decoder_channels if self.decoder_channels is not None else DECODER_CHANNELS[: self.encoder_depth]
+        return (self.decoder_channels or DECODER_CHANNELS)[: self.encoder_depth]
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

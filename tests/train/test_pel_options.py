@@ -131,6 +131,8 @@ def test_decoder_channels_build_round_trip_and_errors():
     model = build_model(spec).eval()
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
     assert ModelSpec(classes=3, encoder_depth=3).decoder_widths == (256, 128, 64)
+    # A shallower encoder takes the first widths, as with smp's defaults (a manifest's widths survive --encoder-depth).
+    assert ModelSpec(classes=3, encoder_depth=3, decoder_channels=(64, 32, 16, 8)).decoder_widths == (64, 32, 16)
     with pytest.raises(PelmarkError, match="decoder_channels"):
         ModelSpec(classes=3, encoder_depth=3, decoder_channels=(32, 16))
     with pytest.raises(PelmarkError, match="decoder_channels"):
