@@ -118,7 +118,7 @@ def synth_run(
     novel_views: Optional[int] = typer.Option(None, help="Views of each train CT held out as novel_view [20]."),
     seed: Optional[int] = typer.Option(None, help="Root seed of the poses and splits [0]."),
     renderer: Optional[str] = typer.Option(None, help="trilinear (fast) or siddon (exact reference)."),
-    n_points: Optional[int] = typer.Option(None, help="Samples per ray for the trilinear renderer."),
+    n_points: Optional[int] = typer.Option(None, help="Uniform samples per ray (the previous trilinear sampling); default: one sample per CT slice."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [auto]."),
     scheduler: Optional[str] = typer.Option(None, help="local (a LocalCluster when --workers > 1), sync, or tcp://HOST:PORT."),
     workers: Optional[int] = typer.Option(None, help="Worker processes of the local cluster [1]."),
