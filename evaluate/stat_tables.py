@@ -49,7 +49,7 @@ from pelmark.evaluate.stats import (
     robust_figures,
     within_key,
 )
-from pelmark.evaluate.tables import DIV, TableRow, landmark_labels
+from pelmark.evaluate.tables import DIV, TableRow, align_columns, landmark_labels
 from pelmark.evaluate.units import Unit
 
 CI_FILE, COMPARISON_FILE, ROBUST_FILE = "table1_ci.csv", "comparison.csv", "robust.csv"
@@ -204,12 +204,7 @@ def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
             _bracket(Interval(row["difference"], row["lo"], row["hi"]), signed=True),
             _percent(row["relative_pct"]), _p(row["p_value"]),
         ])  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    out = []
-    for line in lines:
-        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out)
+    return align_columns(lines, left=3)
 
 
 def _bracket(interval: Interval, signed: bool = False) -> str:

@@ -140,10 +140,15 @@ def format_table(rows: Iterable[TableRow], n_landmarks: int, mean_intervals: dic
     if mean_intervals is not None:
         column = ["95% CI"] + [mean_intervals.get((r.split, r.model), "") for r in rows]
         lines = [line[:3] + [cell] + line[3:] for line, cell in zip(lines, column)]
+    return align_columns(lines, left=2)
+
+
+def align_columns(lines: list[list[str]], left: int) -> str:
+    """Rows of cells as aligned text: the first ``left`` columns flush left, the others flush right."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     out = []
     for line in lines:
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
 

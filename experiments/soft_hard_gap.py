@@ -22,7 +22,7 @@ from pelmark.evaluate.predict import read_truth
 from pelmark.synth.poses import Split
 from pelmark.train.checkpoint import load_run
 from pelmark.train.data import DataSettings, StoreDataset
-from pelmark.train.model import hard_argmax, local_soft_argmax, soft_argmax
+from pelmark.train.model import hard_argmax, heatmap_statistics, local_soft_argmax, soft_argmax
 
 TEMPERATURES = (1.0, 0.5, 0.1)
 
@@ -48,13 +48,9 @@ def _gaps(run, store: Path, split: Split) -> dict[str, float]:
         for t in TEMPERATURES:
             distances[f"global τ={t:g}"].append((soft_argmax(logits, t) - hard).norm(dim=-1).numpy()[visible])
         distances["local r=3"].append((local_soft_argmax(logits, 3, 1.0) - hard).norm(dim=-1).numpy()[visible])
-        b, l, h, w = logits.shape
-        peaks.append(logits.reshape(b, l, -1).amax(-1).numpy()[visible])
-        weights = torch.softmax(logits.reshape(b, l, -1), -1).reshape(logits.shape)
-        rows = torch.arange(h, dtype=torch.float32)[:, None]
-        cols = torch.arange(w, dtype=torch.float32)[None, :]
-        near = (cols - hard[..., 0, None, None]).square() + (rows - hard[..., 1, None, None]).square() <= 25.0
-        masses.append((weights * near).sum((-1, -2)).numpy()[visible])
+        statistics = heatmap_statistics(logits, hard, temperature=1.0)
+        peaks.append(statistics["peak_logit"].numpy()[visible])
+        masses.append(statistics["mass_5px"].numpy()[visible])
     figures = {}
     for name, values in distances.items():
         values = np.concatenate(values)

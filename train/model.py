@@ -218,39 +218,37 @@ def local_soft_argmax(logits: Tensor, radius: int, temperature: float = 1.0) -> 
 
 
 @torch.no_grad()
-def heatmap_diagnostics(logits: Tensor, points_px: Tensor, visible: Tensor, temperature: float = 1.0) -> dict[str, float]:
-    """How far the points PEL registers are from the detections Table 1 scores, and how peaked the heatmaps are.
+def heatmap_statistics(logits: Tensor, points_px: Tensor, temperature: float = 1.0) -> dict[str, Tensor]:
+    """Per heatmap: how far ``points_px`` lie from its hard argmax, and how peaked it is.
 
     Args:
         logits: (B, L, H, W) heatmaps.
-        points_px: (B, L, 2) the soft-argmax points that PEL uses.
-        visible: (B, L) landmarks to average over.
+        points_px: (B, L, 2) points to compare with the hard argmax (e.g. the soft-argmax PEL uses).
         temperature: τ of the global softmax whose mass is measured.
 
     Returns:
-        ``soft_hard_px``: mean distance between ``points_px`` and the hard argmax;
-        ``peak_logit``: mean of each heatmap's largest logit;
-        ``mass_5px``: mean share of the global softmax(logits / τ) within 5 px of the hard argmax.
-        Means over the visible landmarks (NaN if none).
+        (B, L) tensors: ``soft_hard_px``, the distance between ``points_px`` and the
+        hard argmax; ``peak_logit``, the largest logit; ``mass_5px``, the share of
+        the global softmax(logits / τ) within 5 px of the hard argmax.
     """
     batch, landmarks, height, width = logits.shape
-    mask = visible.to(logits.device, torch.bool)
-    if not bool(mask.any()):
-        return {"soft_hard_px": float("nan"), "peak_logit": float("nan"), "mass_5px": float("nan")}
     logits = logits.float()
     hard = hard_argmax(logits)
     distance = (points_px.float().to(hard.device) - hard).norm(dim=-1)
-    peak = logits.reshape(batch, landmarks, -1).amax(dim=-1)
-    weights = torch.softmax(logits.reshape(batch, landmarks, -1) / temperature, dim=-1).reshape(logits.shape)
+    flat = logits.reshape(batch, landmarks, -1)
+    weights = torch.softmax(flat / temperature, dim=-1).reshape(logits.shape)
     cols = torch.arange(width, device=logits.device, dtype=torch.float32)
     rows = torch.arange(height, device=logits.device, dtype=torch.float32)
     near = (cols[None, None, None, :] - hard[..., 0, None, None]).square() + (rows[None, None, :, None] - hard[..., 1, None, None]).square() <= 25.0
-    mass = (weights * near).sum(dim=(-1, -2))
-    return {
-        "soft_hard_px": float(distance[mask].mean()),
-        "peak_logit": float(peak[mask].mean()),
-        "mass_5px": float(mass[mask].mean()),
-    }
+    return {"soft_hard_px": distance, "peak_logit": flat.amax(dim=-1), "mass_5px": (weights * near).sum(dim=(-1, -2))}
+
+
+def heatmap_diagnostics(logits: Tensor, points_px: Tensor, visible: Tensor, temperature: float = 1.0) -> dict[str, float]:
+    """:func:`heatmap_statistics` averaged over the visible landmarks (NaN if none), for the training log."""
+    mask = visible.to(logits.device, torch.bool)
+    if not bool(mask.any()):
+        return {"soft_hard_px": float("nan"), "peak_logit": float("nan"), "mass_5px": float("nan")}
+    return {name: float(values[mask].mean()) for name, values in heatmap_statistics(logits, points_px, temperature).items()}
 
 
 def hard_argmax(heatmaps: Tensor) -> Tensor:
