@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pelmark.geometry import Camera, nominal_rotation, project, rodrigues, rotation_to_rotvec, sample_poses
 
@@ -23,6 +25,33 @@ def test_round_trip_within_1e_3_rad_of_pi(offset):
     back = rotation_to_rotvec(matrix)
     torch.testing.assert_close(rodrigues(back), matrix, rtol=0, atol=1e-9)
     torch.testing.assert_close(back.norm(dim=-1), torch.full((64,), math.pi - offset, dtype=torch.float64), rtol=0, atol=1e-7)
+
+
+# Unit axes, the coordinate axes and zero components (ties in the symmetric part's diagonal) included.
+unit_axes = (
+    st.tuples(*[st.floats(-1.0, 1.0)] * 3)
+    .map(lambda v: torch.tensor(v, dtype=torch.float64))
+    .filter(lambda v: float(v.norm()) > 0.1)
+    .map(lambda v: v / v.norm())
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(axis=unit_axes, offset=st.one_of(st.just(0.0), st.floats(0.0, 1e-3), st.floats(-1e-3, 0.0)))
+def test_round_trip_near_pi_holds_for_any_axis(axis, offset):
+    # offset < 0 is past π: the same rotation as 2π - θ about -axis.
+    angle = math.pi - offset
+    rotvec = axis * angle
+    matrix = rodrigues(rotvec[None])
+    back = rotation_to_rotvec(matrix)[0]
+    torch.testing.assert_close(rodrigues(back[None]), matrix, rtol=0, atol=1e-9)
+    assert abs(float(back.norm()) - min(angle, 2 * math.pi - angle)) < 1e-7
+    assert float(back.norm()) <= math.pi + 1e-12
+    if offset > 1e-6:
+        # The axis's sign is fixed by the antisymmetric part, so the vector itself comes back.
+        torch.testing.assert_close(back, rotvec, rtol=0, atol=1e-8)
+    elif offset < -1e-6:
+        torch.testing.assert_close(back, -axis * (2 * math.pi - angle), rtol=0, atol=1e-8)
 
 
 def test_pa_nominal_view_by_hand():
