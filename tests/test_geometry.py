@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from pelmark import geometry as g
 
@@ -163,6 +165,53 @@ def test_resize_matches_interpolate_on_a_pixel():
     mapped = cam.pixels_to(cam.resized(4, 4), torch.tensor([4.5, 2.5], dtype=F64))
     assert (c, r) == (2, 1)
     torch.testing.assert_close(mapped, torch.tensor([2.0, 1.0], dtype=F64))
+
+
+@st.composite
+def cameras_with_crop_and_size(draw):
+    """A camera (any principal point and pixel shape), a crop window on it, and a resize target."""
+    height, width = draw(st.integers(1, 300)), draw(st.integers(1, 300))
+    sdd = draw(st.floats(300.0, 2000.0))
+    camera = g.Camera(
+        height=height,
+        width=width,
+        sdd_mm=sdd,
+        sid_mm=draw(st.floats(0.1, 0.99)) * sdd,
+        spacing_x_mm=draw(st.floats(0.05, 5.0)),
+        spacing_y_mm=draw(st.floats(0.05, 5.0)),
+        cx_px=draw(st.floats(-width, 2.0 * width)),
+        cy_px=draw(st.floats(-height, 2.0 * height)),
+    )
+    top, left = draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))
+    crop = (top, left, draw(st.integers(1, height - top)), draw(st.integers(1, width - left)))
+    return camera, crop, (draw(st.integers(1, 600)), draw(st.integers(1, 600)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(setup=cameras_with_crop_and_size(), fractions=st.lists(st.tuples(st.floats(-0.5, 1.5), st.floats(-0.5, 1.5)), min_size=1, max_size=8))
+def test_crop_then_resize_is_the_cameras_pixel_mapping(setup, fractions):
+    camera, (top, left, crop_h, crop_w), (size_h, size_w) = setup
+    model = camera.cropped(top, left, crop_h, crop_w).resized(size_h, size_w)
+    # Points on and around the crop window, as fractions of the full image.
+    points = torch.tensor([[fx * camera.width - 0.5, fy * camera.height - 0.5] for fx, fy in fractions], dtype=F64)
+    # By hand: the crop shifts by its corner, then the resize maps pixel edges onto pixel edges.
+    expected = torch.stack(
+        [(points[:, 0] - left + 0.5) * size_w / crop_w - 0.5, (points[:, 1] - top + 0.5) * size_h / crop_h - 0.5], dim=-1
+    )
+    mapped = camera.pixels_to(model, points)
+    torch.testing.assert_close(mapped, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(model.pixels_to(camera, mapped), points, rtol=1e-9, atol=1e-9)
+    # The model image shows exactly the crop window, pixel edges included.
+    inside = (
+        (points[:, 0] >= left - 0.5) & (points[:, 0] <= left + crop_w - 0.5)
+        & (points[:, 1] >= top - 0.5) & (points[:, 1] <= top + crop_h - 0.5)
+    )
+    edge_distance = torch.minimum(
+        torch.minimum((points[:, 0] - (left - 0.5)).abs(), (points[:, 0] - (left + crop_w - 0.5)).abs()),
+        torch.minimum((points[:, 1] - (top - 0.5)).abs(), (points[:, 1] - (top + crop_h - 0.5)).abs()),
+    )
+    assume(bool((edge_distance > 1e-6).all()))  # on an edge, rounding decides
+    assert model.contains(mapped).tolist() == inside.tolist()
 
 
 def test_depth_clamp_keeps_points_behind_source_finite():
