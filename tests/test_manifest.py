@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pelmark.errors import PelmarkError
 from pelmark.io.ct import CTVolume, save_ct
@@ -177,3 +179,28 @@ def test_write_manifest_with_paths_relative_to_the_working_directory(tmp_path, m
     assert 'ct = "ct/a.nii.gz"' in (tmp_path / "out" / "manifest.toml").read_text()
     loaded = load_manifest(tmp_path / "out" / "manifest.toml")
     assert loaded.subjects[0].ct == tmp_path / "out" / "ct" / "a.nii.gz"
+
+
+# TOML holds 64-bit integers; NaN is left out because it never equals itself.
+toml_scalars = (
+    st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
+)
+toml_arrays = st.recursive(st.lists(toml_scalars, max_size=4), lambda inner: st.lists(inner, max_size=3), max_leaves=12)
+toml_keys = st.text(max_size=12)
+toml_tables = st.recursive(
+    st.dictionaries(toml_keys, toml_scalars | toml_arrays, max_size=5),
+    lambda tables: st.dictionaries(
+        toml_keys, toml_scalars | toml_arrays | tables | st.lists(tables, min_size=1, max_size=3), max_size=5
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(document=toml_tables)
+def test_dumps_toml_round_trips_any_document(document) -> None:
+    # Any keys (dots, quotes, control characters, empty), nested tables and arrays of tables.
+    assert tomllib.loads(dumps_toml(document)) == document
