@@ -42,7 +42,6 @@ from pelmark.io.ct import CTVolume, load_ct
 from pelmark.io.landmarks import load_landmarks, write_text_atomic
 
 _TABLES = ("dataset", "subjects", "synth", "train", "eval")
-_DATASET_KEYS = ("name", "landmarks", "description")
 _SUBJECT_KEYS = ("id", "ct", "landmarks", "role")
 
 
@@ -142,26 +141,18 @@ def _check_keys(table: Mapping[str, Any], allowed: Sequence[str], what: str, pat
 
 
 def _parse_dataset(dataset: Any, path: Path) -> tuple[str, tuple[str, ...]]:
+    from pelmark.validation import DatasetTable, check
+
     if not isinstance(dataset, dict):
         raise PelmarkError("missing [dataset] table", path)
-    _check_keys(dataset, _DATASET_KEYS, "key in [dataset]", path)
-    name = dataset.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise PelmarkError("[dataset] needs a non-empty string 'name'", path)
-    landmarks = dataset.get("landmarks")
-    if landmarks is None:
-        raise PelmarkError("[dataset] has no 'landmarks' list", path)
-    if not isinstance(landmarks, list) or not landmarks:
-        raise PelmarkError("[dataset] 'landmarks' must be a non-empty list of names", path)
-    if not all(isinstance(n, str) and n.strip() for n in landmarks):
-        raise PelmarkError("[dataset] 'landmarks' has an empty or non-string name", path)
-    names = tuple(n.strip() for n in landmarks)
+    checked = check(DatasetTable, dataset, "[dataset]", path)
+    names = tuple(checked["landmarks"])
     folded = [n.casefold() for n in names]
     repeated = sorted({n for n in names if folded.count(n.casefold()) > 1})
     if repeated:
         repeats = ", ".join(repeated)
         raise PelmarkError(f"[dataset] 'landmarks' repeats {repeats} (names are case-insensitive)", path)
-    return name.strip(), names
+    return checked["name"], names
 
 
 def _parse_subjects(subjects: Any, base: Path, path: Path) -> tuple[Subject, ...]:

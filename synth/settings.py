@@ -120,21 +120,18 @@ SYNTH_PRESETS: dict[str, dict[str, Any]] = {
 def resolve_settings(
     manifest_table: Mapping[str, Any], overrides: Mapping[str, Any], manifest_path: Path | None = None
 ) -> SynthSettings:
-    """Defaults, then the manifest's ``[synth]`` table, then command-line options (None = not given)."""
-    names = {f.name for f in dataclasses.fields(SynthSettings)}
-    values: dict[str, Any] = {}
-    for key, value in manifest_table.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise PelmarkError(f"[synth] has an unknown setting '{key}' (known: {', '.join(sorted(names))})", manifest_path)
-        values[name] = value
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    """Defaults, then the manifest's ``[synth]`` table, then command-line options (None = not given).
+
+    Each layer's types and ranges are checked by :mod:`pelmark.validation` first, so an error names the key
+    and where it came from.
+    """
+    from pelmark.validation import SynthTable, check
+
+    values = check(SynthTable, manifest_table, "[synth]", manifest_path)
+    values.update(check(SynthTable, overrides))
     if "renderer" in values:
-        try:
-            values["renderer"] = RendererKind(values["renderer"])
-        except ValueError:
-            raise PelmarkError(f"unknown renderer '{values['renderer']}' (siddon or trilinear)", manifest_path) from None
+        values["renderer"] = RendererKind(values["renderer"])
     try:
         return SynthSettings(**values)
-    except TypeError as exc:
-        raise PelmarkError(f"invalid synth settings: {exc}", manifest_path) from None
+    except PelmarkError as error:  # a rule over several settings (novel_views <= views, sid < sdd)
+        raise PelmarkError(error.message, error.path or manifest_path) from None

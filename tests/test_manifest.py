@@ -68,11 +68,11 @@ def test_valid_manifest(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 BAD_MANIFESTS = {
     "invalid toml": (HEADER + "[[subjects]\n", "invalid TOML: .*line"),
     "no dataset": (_subject_toml(), r"missing \[dataset\]"),
-    "no landmarks": ('[dataset]\nname = "demo"\n' + _subject_toml(), "no 'landmarks' list"),
+    "no landmarks": ('[dataset]\nname = "demo"\n' + _subject_toml(), r"\[dataset\] needs 'landmarks'"),
     "empty landmarks": ('[dataset]\nname = "demo"\nlandmarks = []\n' + _subject_toml(), "non-empty list"),
     "blank landmark": (
         '[dataset]\nname = "demo"\nlandmarks = ["SPS", " "]\n' + _subject_toml(),
-        "empty or non-string",
+        r'\[dataset\] landmarks must be a non-empty list of landmark names, got \["SPS", " "\]',
     ),
     "duplicate landmark": (
         '[dataset]\nname = "demo"\nlandmarks = ["SPS", "IPS", "sps"]\n' + _subject_toml(),

@@ -239,6 +239,8 @@ def _build(values: dict[str, Any], source: Path | None) -> TrainConfig:
         return TrainConfig(**values)
     except TypeError as error:
         raise PelmarkError(f"invalid train settings: {error}", source) from None
+    except PelmarkError as error:  # a rule over several settings
+        raise PelmarkError(error.message, error.path or source) from None
 
 
 def read_train_table(path: Path) -> dict[str, Any]:
@@ -271,25 +273,22 @@ def resolve_config(
     except ValueError:
         known = ", ".join(s.value for s in Strategy)
         raise PelmarkError(f"unknown strategy '{strategy}' (known: {known})") from None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    from pelmark.validation import TrainTable, check
+
     values: dict[str, Any] = dict(STRATEGY_DEFAULTS[strategy])
+    strategies = {s.value for s in Strategy}
     table = dict(table or {})
-    specific = {}
+    plain = {key: value for key, value in table.items() if not isinstance(value, dict)}
+    values.update(check(TrainTable, plain, "[train]", source))
     for key, value in table.items():
-        if isinstance(value, dict):
-            if key.replace("_", "-") in {s.value for s in Strategy}:
-                if key.replace("_", "-") == strategy.value:
-                    specific = value
-                continue
-            raise PelmarkError(f"[train.{key}] is not a strategy (known: {', '.join(s.value for s in Strategy)})", source)
-    for layer in (table, specific):
-        for key, value in layer.items():
-            if isinstance(value, dict):
-                continue
-            name = key.replace("-", "_")
-            if name not in names or name == "strategy":
-                raise PelmarkError(f"[train] has an unknown setting '{key}' (known: {', '.join(sorted(names - {'strategy'}))})", source)
-            values[name] = value
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        if not isinstance(value, dict):
+            continue
+        if key.replace("_", "-") not in strategies:
+            raise PelmarkError(f"[train.{key}] is not a strategy (known: {', '.join(sorted(strategies))})", source)
+        # Every strategy's table is checked, so a typo in [train.finetune] shows before the baseline trains.
+        specific = check(TrainTable, value, f"[train.{key}]", source)
+        if key.replace("_", "-") == strategy.value:
+            values.update(specific)
+    values.update(check(TrainTable, overrides or {}))
     values["strategy"] = strategy
     return _build(values, source)
