@@ -24,7 +24,31 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help text: Rich markup would swallow the TOML table names in it ("[train]", "[synth]").
+    rich_markup_mode=None,
+    # Inherited by every command and group below.
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"pelmark {version('pelmark')}")
+        except PackageNotFoundError:
+            typer.echo("pelmark (not installed: no version)")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Show pelmark's version and exit."
+    ),
+) -> None:
+    pass
 
 
 def reports_errors(command: Callable) -> Callable:
@@ -52,7 +76,7 @@ def phantom(
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same files, bit for bit."),
     spacing: float = typer.Option(2.0, "--spacing", min=0.5, max=5.0, help="Voxel size in mm."),
     novel_subjects: Optional[int] = typer.Option(
-        None, "--novel-subjects", min=0, help="How many subjects are held out as novel_subject (default: about 1 in 5)."
+        None, "--novel-subjects", min=0, show_default="about 1 in 5", help="How many subjects are held out as novel_subject."
     ),
     beads: bool = typer.Option(False, "--beads", help="Also place small dense beads at the landmarks (geometry checks)."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a PNG of AP DRRs with landmarks."),
@@ -83,21 +107,35 @@ def phantom(
 
 
 class _DefaultCommandGroup(TyperGroup):
-    """A group whose first argument may be a subcommand or, failing that, the default command's argument."""
+    """A group whose first argument may be a subcommand or, failing that, the default command's argument.
+
+    Its help shows the default command's usage, arguments and options, then the subcommands,
+    since ``pelmark synth MANIFEST`` is how the group is mostly used.
+    """
 
     default_command = "run"
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx, formatter):
+        default = self.commands[self.default_command]
+        formatter.write_usage(ctx.command_path, " ".join(default.collect_usage_pieces(ctx)))
+        formatter.write_usage(ctx.command_path, "COMMAND [ARGS]...", prefix="   or: ")
+
+    def format_options(self, ctx, formatter):
+        self.commands[self.default_command].format_options(ctx, formatter)
+        self.format_commands(ctx, formatter)
 
 
 synth_app = typer.Typer(
     cls=_DefaultCommandGroup,
     no_args_is_help=True,
     help="Render the DRR dataset of a manifest into a Zarr store (`pelmark synth MANIFEST --out STORE`), "
-    "or preview a store (`pelmark synth preview STORE --out DIR`).",
+    "or preview a store (`pelmark synth preview STORE --out DIR`).\n\n"
+    "Render options left out take the manifest's [synth] value, else the default shown.",
 )
 app.add_typer(synth_app, name="synth")
 
@@ -107,29 +145,39 @@ app.add_typer(synth_app, name="synth")
 def synth_run(
     manifest: Path = typer.Argument(..., help="The cohort's TOML manifest."),
     out: Path = typer.Option(..., "--out", help="The Zarr store to write (resumed if it exists)."),
-    views: Optional[int] = typer.Option(None, help="Views per CT [100]."),
-    height: Optional[int] = typer.Option(None, help="Detector rows [768]."),
-    width: Optional[int] = typer.Option(None, help="Detector columns [= height]."),
-    pixel_spacing: Optional[float] = typer.Option(None, help="Detector pixel size in mm [0.388]."),
-    sdd: Optional[float] = typer.Option(None, help="Source-to-detector distance in mm [1020]."),
-    sid: Optional[float] = typer.Option(None, help="Source-to-isocentre distance in mm [850]."),
-    rotation_range: Optional[float] = typer.Option(None, help="Rotation about each axis, uniform in ±deg [45]."),
-    translation_range: Optional[float] = typer.Option(None, help="Translation along each axis, uniform in ±mm [50]."),
-    novel_views: Optional[int] = typer.Option(None, help="Views of each train CT held out as novel_view [20]."),
-    seed: Optional[int] = typer.Option(None, help="Root seed of the poses and splits [0]."),
-    renderer: Optional[str] = typer.Option(None, help="trilinear (fast) or siddon (exact reference)."),
-    n_points: Optional[int] = typer.Option(None, help="Uniform samples per ray (the previous trilinear sampling); default: one sample per CT slice."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [auto]."),
-    scheduler: Optional[str] = typer.Option(None, help="local (a LocalCluster when --workers > 1), sync, or tcp://HOST:PORT."),
-    workers: Optional[int] = typer.Option(None, help="Worker processes of the local cluster [1]."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per worker."),
+    views: Optional[int] = typer.Option(None, show_default="100", help="Views per CT."),
+    height: Optional[int] = typer.Option(None, show_default="768", help="Detector rows."),
+    width: Optional[int] = typer.Option(None, show_default="the height", help="Detector columns."),
+    pixel_spacing: Optional[float] = typer.Option(None, show_default="0.388", help="Detector pixel size in mm."),
+    sdd: Optional[float] = typer.Option(None, show_default="1020", help="Source-to-detector distance in mm."),
+    sid: Optional[float] = typer.Option(None, show_default="850", help="Source-to-isocentre distance in mm."),
+    rotation_range: Optional[float] = typer.Option(None, show_default="45", help="Rotation about each axis, uniform in ±deg."),
+    translation_range: Optional[float] = typer.Option(None, show_default="50", help="Translation along each axis, uniform in ±mm."),
+    novel_views: Optional[int] = typer.Option(None, show_default="20", help="Views of each train CT held out as novel_view."),
+    seed: Optional[int] = typer.Option(None, show_default="0", help="Root seed of the poses and splits."),
+    renderer: Optional[str] = typer.Option(None, show_default="trilinear", help="trilinear (fast) or siddon (exact reference)."),
+    n_points: Optional[int] = typer.Option(
+        None, show_default="one sample per CT slice", help="Uniform samples per ray (the previous trilinear sampling)."
+    ),
+    device: Optional[str] = typer.Option(None, show_default="auto", help="auto, cpu or cuda."),
+    scheduler: Optional[str] = typer.Option(
+        None, show_default="local", help="local (a LocalCluster when --workers > 1), sync, or tcp://HOST:PORT."
+    ),
+    workers: Optional[int] = typer.Option(None, show_default="1", help="Worker processes of the local cluster."),
+    threads: Optional[int] = typer.Option(None, show_default="CPU cores / workers", help="Torch threads per worker."),
     compile_renderer: Optional[bool] = typer.Option(
-        None, "--compile/--no-compile", help="torch.compile the renderer: ~1.4x faster on CPU, needs a C++ compiler."
+        None,
+        "--compile/--no-compile",
+        show_default="no-compile",
+        help="torch.compile the renderer: ~1.4x faster on CPU, needs a C++ compiler.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made from other inputs or settings."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Render the manifest's DRRs into a chunked Zarr store; a rerun finishes only what is missing."""
+    """Render the manifest's DRRs into a chunked Zarr store; a rerun finishes only what is missing.
+
+    Render options left out take the manifest's [synth] value, else the default shown.
+    """
     from pelmark.synth.pipeline import run_synth
 
     overrides = dict(
@@ -168,40 +216,46 @@ def train(
     config: Optional[Path] = typer.Option(
         None, "--config", help="TOML file with a [train] table (a manifest works); [train.<strategy>] overrides it."
     ),
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training images [28; finetune 1]."),
+    epochs: Optional[int] = typer.Option(None, show_default="28; finetune 1", help="Passes over the training images."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step, over all processes [8]."),
-    micro_batches: Optional[int] = typer.Option(None, help="Split each step into this many accumulated pieces [1]."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate [1e-4]."),
-    size: Optional[int] = typer.Option(None, help="Side of the square model input [512]."),
-    encoder: Optional[str] = typer.Option(None, help="smp encoder [resnet34]."),
-    encoder_depth: Optional[int] = typer.Option(None, help="Encoder stages, 3-5 [5]."),
+    batch_size: Optional[int] = typer.Option(None, show_default="8", help="Images per step, over all processes."),
+    micro_batches: Optional[int] = typer.Option(None, show_default="1", help="Split each step into this many accumulated pieces."),
+    lr: Optional[float] = typer.Option(None, show_default="1e-4", help="Adam learning rate."),
+    size: Optional[int] = typer.Option(None, show_default="512", help="Side of the square model input."),
+    encoder: Optional[str] = typer.Option(None, show_default="resnet34", help="smp encoder."),
+    encoder_depth: Optional[int] = typer.Option(None, show_default="5", help="Encoder stages, 3-5."),
     encoder_weights: Optional[Path] = typer.Option(None, help="Local file with encoder weights (nothing is downloaded)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this run folder or checkpoint (finetune needs it)."),
-    pos_weight: Optional[float] = typer.Option(None, help="BCE weight of mask pixels [1 = the paper's plain BCE]."),
-    pel_weight: Optional[float] = typer.Option(None, help="λ, the weight of PEL [1]."),
+    pos_weight: Optional[float] = typer.Option(None, show_default="1", help="BCE weight of mask pixels (1: the paper's plain BCE)."),
+    pel_weight: Optional[float] = typer.Option(None, show_default="1", help="λ, the weight of PEL."),
     bce_weight: Optional[float] = typer.Option(
-        None, help="Weight of the BCE heatmap loss [baseline, composite 1; pel-only, finetune 0]; 1 on finetune = BCE + λ·PEL."
+        None,
+        show_default="baseline, composite 1; pel-only, finetune 0",
+        help="Weight of the BCE heatmap loss; 1 on finetune = BCE + λ·PEL.",
     ),
     softmax_weight: Optional[float] = typer.Option(
-        None, help="Weight of the spatial-softmax cross-entropy added to BCE [0 = the paper's BCE alone]."
+        None, show_default="0", help="Weight of the spatial-softmax cross-entropy added to BCE (0: the paper's BCE alone)."
     ),
     pose_loss: Optional[str] = typer.Option(
-        None, help="PEL's pose loss: paper (eq. 10), geodesic, mtre or reprojection [paper]."
+        None, show_default="paper; finetune reprojection", help="PEL's pose loss: paper (eq. 10), geodesic, mtre or reprojection."
     ),
     soft_argmax: Optional[str] = typer.Option(
-        None, help="Points PEL registers: global (paper eqs. 1-2) or local (a window around the argmax) [global]."
+        None,
+        show_default="global; finetune local",
+        help="Points PEL registers: global (paper eqs. 1-2) or local (a window around the argmax).",
     ),
-    soft_argmax_radius: Optional[int] = typer.Option(None, help="Window radius of --soft-argmax local, model px [3]."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear learning-rate warm-up [0]."),
-    schedule: Optional[str] = typer.Option(None, help="Learning-rate schedule: constant or cosine [constant]."),
-    solver: Optional[str] = typer.Option(None, help="Registration inside PEL: lm, adam or lbfgs [lm]."),
-    temperature: Optional[float] = typer.Option(None, help="Soft-argmax temperature on the logits [1]."),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random crop, scale, gamma, contrast, noise."),
-    val_fraction: Optional[float] = typer.Option(None, help="Share of the train split held out for validation [0.1]."),
-    seed: Optional[int] = typer.Option(None, help="Seed of weights, order and augmentation [42]."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes [2]."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N [auto]."),
+    soft_argmax_radius: Optional[int] = typer.Option(None, show_default="3", help="Window radius of --soft-argmax local, model px."),
+    warmup_steps: Optional[int] = typer.Option(None, show_default="0", help="Steps of linear learning-rate warm-up."),
+    schedule: Optional[str] = typer.Option(None, show_default="constant", help="Learning-rate schedule: constant or cosine."),
+    solver: Optional[str] = typer.Option(None, show_default="lm", help="Registration inside PEL: lm, adam or lbfgs."),
+    temperature: Optional[float] = typer.Option(None, show_default="1", help="Soft-argmax temperature on the logits."),
+    augment: Optional[bool] = typer.Option(
+        None, "--augment/--no-augment", show_default="no-augment", help="Random crop, scale, gamma, contrast, noise."
+    ),
+    val_fraction: Optional[float] = typer.Option(None, show_default="0.1", help="Share of the train split held out for validation."),
+    seed: Optional[int] = typer.Option(None, show_default="42", help="Seed of weights, order and augmentation."),
+    workers: Optional[int] = typer.Option(None, show_default="2", help="DataLoader worker processes."),
+    device: Optional[str] = typer.Option(None, show_default="auto", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     auto_resume: bool = typer.Option(
         False, "--auto-resume", help="Start, or resume an unfinished run in --out; a finished run is left as it is."
@@ -209,7 +263,10 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train a landmark heatmap model from a synth store with one of the paper's four strategies."""
+    """Train a landmark heatmap model from a synth store with one of the paper's four strategies.
+
+    Settings left out take --config's [train.<strategy>] value, then its [train] value, else the default shown.
+    """
     from pelmark.train.config import read_train_table, resolve_config
     from pelmark.train.loop import existing_run_state
     from pelmark.train.loop import train as run_training
@@ -248,7 +305,10 @@ def eval_(
     store: Path = typer.Option(..., "--store", help="The Zarr store to evaluate on."),
     out: Path = typer.Option(..., "--out", help="Results folder (tables, per-image CSVs, figures, summary.json)."),
     split: Optional[list[str]] = typer.Option(
-        None, "--split", help="Split to evaluate, repeatable: novel_view, novel_subject or train [the novel splits present]."
+        None,
+        "--split",
+        show_default="the novel splits present",
+        help="Split to evaluate, repeatable: novel_view, novel_subject or train.",
     ),
     samples: int = typer.Option(4, "--samples", min=0, help="Images per split in the sample figures."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
