@@ -80,7 +80,7 @@ from pelmark.evaluate.tables import (
 )
 from pelmark.evaluate.units import Unit
 from pelmark.synth.poses import Split
-from pelmark.synth.store import git_revision, now_utc, open_store, package_versions
+from pelmark.synth.store import check_complete, git_revision, now_utc, open_store, package_versions
 from pelmark.train.checkpoint import TrainedRun, load_run
 from pelmark.train.config import RunStatus
 
@@ -120,6 +120,8 @@ class EvalSettings:
             (:mod:`pelmark.evaluate.refine`).
         bootstrap: resamples of the confidence intervals and paired comparisons.
         seed: seed of the resamples (:mod:`pelmark.evaluate.stat_tables`).
+        allow_incomplete: evaluate on a store whose synth was interrupted (its finished
+            subjects only; a split may be missing); refused otherwise.
     """
 
     splits: tuple[Split, ...] | None = None
@@ -133,6 +135,7 @@ class EvalSettings:
     refine: bool = False
     bootstrap: int = DEFAULT_RESAMPLES
     seed: int = 0
+    allow_incomplete: bool = False
 
     def __post_init__(self) -> None:
         if self.samples < 0 or self.batch_size < 1 or self.workers < 0:
@@ -305,10 +308,12 @@ def evaluate_runs(run_dirs: Sequence[Path], store: Path, out: Path, settings: Ev
 
     Raises:
         PelmarkError: a run that cannot be loaded or is for other landmarks, a
-            store that is not one or lacks a split, an OUT in the way.
+            store that is not one, is incomplete (without ``allow_incomplete``) or lacks
+            a split, an OUT in the way.
     """
     store, out = Path(store), Path(out)
     check_out(out, settings.overwrite, [("the store", store), *(("a run folder", Path(r)) for r in run_dirs)])
+    check_complete(store, settings.allow_incomplete)
     group = open_store(store)
     attrs = dict(group.attrs)
     landmark_names = tuple(attrs.get("landmark_names", ()))

@@ -191,6 +191,8 @@ def synth_run(
         f"{report.store}: {report.n_images} images; rendered {len(report.rendered_subjects)} subjects, "
         f"{len(report.skipped_subjects)} already done"
     )
+    for warning in report.warnings:
+        typer.echo(f"warning: {report.store}: {warning}", err=True)
 
 
 @synth_app.command("preview")
@@ -262,6 +264,9 @@ def train(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    allow_incomplete: bool = typer.Option(
+        False, "--allow-incomplete", help="Train on a store whose synth was interrupted (its finished subjects only)."
+    ),
 ) -> None:
     """Train a landmark heatmap model from a synth store with one of the paper's four strategies.
 
@@ -280,6 +285,7 @@ def train(
         schedule=schedule, solver=solver, temperature=temperature, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
     )
     resolved = resolve_config(strategy, table, overrides, config)
+    _warn_incomplete(store, allow_incomplete)
     if auto_resume and not overwrite:
         found = existing_run_state(out)
         if found in ("COMPLETE", "DIV"):
@@ -288,12 +294,22 @@ def train(
         resume = resume or found is not None
         # A run killed before its first checkpoint has nothing to resume: start it again.
         overwrite = found is None and (out / "run.json").is_file()
-    report = run_training(resolved, store, out, resume=resume, overwrite=overwrite, progress=progress)
+    report = run_training(
+        resolved, store, out, resume=resume, overwrite=overwrite, progress=progress, allow_incomplete=allow_incomplete
+    )
     best = "n/a" if report.best_val_rmse_px == float("inf") else f"{report.best_val_rmse_px:.2f} px"
     if report.status.value == "DIV":
         typer.echo(f"{out}: DIV after {report.steps} steps ({report.reason}); recorded in run.json")
     else:
         typer.echo(f"{out}: {report.status.value} after {report.steps} steps; best validation RMSE {best}")
+
+
+def _warn_incomplete(store: Path, allow_incomplete: bool) -> None:
+    """Refuse a store whose synth was interrupted, or with --allow-incomplete say what it lacks, one line each."""
+    from pelmark.synth.store import check_complete
+
+    for missing in check_complete(store, allow_incomplete):
+        typer.echo(f"warning: {store}: {missing}", err=True)
 
 
 @app.command("eval")
@@ -322,6 +338,9 @@ def eval_(
     ),
     bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Bootstrap resamples (over subjects) of the 95% intervals."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap resamples."),
+    allow_incomplete: bool = typer.Option(
+        False, "--allow-incomplete", help="Evaluate on a store whose synth was interrupted (its finished subjects only)."
+    ),
 ) -> None:
     """Evaluate trained runs on a store: Table 1 (RMSE per landmark) in px and mm with 95% intervals, pose errors, figures."""
     from pelmark.evaluate.runner import EvalSettings, evaluate_runs, parse_splits
@@ -331,7 +350,9 @@ def eval_(
     settings = EvalSettings(
         splits=parse_splits(split), samples=samples, batch_size=batch_size, workers=workers, device=device,
         checkpoint=checkpoint, overwrite=overwrite, progress=progress, refine=refine, bootstrap=bootstrap, seed=seed,
+        allow_incomplete=allow_incomplete,
     )
+    _warn_incomplete(store, allow_incomplete)
     report = evaluate_runs(runs, store, out, settings)
     typer.echo(format_table(report.table1, len(report.landmark_names), mean_intervals(report.intervals)))
     if report.comparison:

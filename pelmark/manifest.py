@@ -43,6 +43,8 @@ from pelmark.io.landmarks import load_landmarks, write_text_atomic
 
 _TABLES = ("dataset", "subjects", "synth", "train", "eval")
 _SUBJECT_KEYS = ("id", "ct", "landmarks", "role")
+# Voxel sizes of any CT (mm); outside them the header is wrong (cm or m units, or corrupt) and the DRRs garbage.
+PLAUSIBLE_SPACING_MM = (0.1, 10.0)
 
 
 class Role(str, Enum):
@@ -198,10 +200,20 @@ def validate_subject_data(manifest: Manifest, subject: Subject) -> tuple[CTVolum
         ordered as ``manifest.landmarks``.
 
     Raises:
-        PelmarkError: a file is unreadable, or a landmark is outside the CT
-            (most often a landmark file in LPS declared as RAS, or the wrong CT).
+        PelmarkError: a file is unreadable, the CT's voxel spacing is outside
+            :data:`PLAUSIBLE_SPACING_MM` (a header in other units, or corrupt), or a
+            landmark is outside the CT (most often a landmark file in LPS declared
+            as RAS, or the wrong CT).
     """
     ct = load_ct(subject.ct)
+    spacing = ct.spacing_mm
+    low, high = PLAUSIBLE_SPACING_MM
+    if not np.all((spacing >= low) & (spacing <= high)):
+        shown = " x ".join(f"{s:g}" for s in spacing)
+        raise PelmarkError(
+            f"implausible voxel spacing {shown} mm (a CT's lies between {low:g} and {high:g} mm): check the file's header",
+            subject.ct,
+        )
     points_ras = load_landmarks(subject.landmarks, manifest.landmarks)
     points_world = ct.ras_to_world(points_ras)
     inside = ct.contains_world(points_world)

@@ -10,8 +10,6 @@ file system). Each task writes only its own subject's chunks.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +47,7 @@ class SynthReport:
     rendered_subjects: tuple[str, ...]
     skipped_subjects: tuple[str, ...]
     n_images: int
+    warnings: tuple[str, ...] = ()
 
 
 def _device(name: str):
@@ -131,13 +130,20 @@ def layout_of(group) -> store_mod.StoreLayout:
 # ---------------------------------------------------------------- the run
 
 
-def check_inputs(manifest: Manifest, progress: bool = True) -> list[dict[str, Any]]:
-    """Load every CT and landmark file once, before anything is written. Returns per-subject provenance."""
+def check_inputs(manifest: Manifest, settings: SynthSettings, progress: bool = True) -> list[dict[str, Any]]:
+    """Load every CT and landmark file once, before anything is written. Returns per-subject provenance.
+
+    Raises:
+        PelmarkError: besides :func:`~pelmark.manifest.validate_subject_data`'s refusals, a CT that is
+            all air by the renderer's test (it has nothing to render, and rendering it used to crash
+            with a store half-written).
+    """
     from tqdm import tqdm
 
     records = []
     for index, subject in enumerate(tqdm(manifest.subjects, desc="checking inputs", unit="CT", disable=not progress)):
-        ct, _ = validate_subject_data(manifest, subject)
+        ct, landmarks_world = validate_subject_data(manifest, subject)
+        _refuse_all_air(ct, settings, subject)
         records.append(
             {
                 "index": index,
@@ -146,6 +152,7 @@ def check_inputs(manifest: Manifest, progress: bool = True) -> list[dict[str, An
                 "ct": str(subject.ct),
                 "landmarks": str(subject.landmarks),
                 "ct_sha256": ct.digest(),
+                "landmarks_sha256": store_mod.landmarks_digest(landmarks_world),
                 "ct_shape": list(ct.shape),
                 "ct_spacing_mm": [float(s) for s in ct.spacing_mm],
             }
@@ -153,15 +160,24 @@ def check_inputs(manifest: Manifest, progress: bool = True) -> list[dict[str, An
     return records
 
 
+def _refuse_all_air(ct, settings: SynthSettings, subject: Subject) -> None:
+    import torch
+
+    from pelmark.synth.render import hu_to_attenuation, solid_blocks
+
+    render = settings.render
+    if not bool(solid_blocks(torch.from_numpy(hu_to_attenuation(ct.hu, render)), render.air_threshold).any()):
+        air_hu = round((render.air_threshold - 1.0) * 1000.0)
+        raise PelmarkError(
+            f"CT of subject {subject.id!r} is all air (no 2x2x2 block of voxels above {air_hu} HU): nothing to render; "
+            "is it the right file, in Hounsfield units?",
+            subject.ct,
+        )
+
+
 def store_attributes(manifest: Manifest, settings: SynthSettings, subjects: list[dict[str, Any]]) -> dict[str, Any]:
     data = settings.data_fields()
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {"manifest": manifest.sha256, "settings": data, "cts": [s["ct_sha256"] for s in subjects],
-             "format_version": store_mod.FORMAT_VERSION},
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
+    fingerprint = store_mod.fingerprint(data, list(manifest.landmarks), subjects)
     camera = settings.camera
     return {
         "format": store_mod.FORMAT_NAME,
@@ -189,19 +205,31 @@ def _check_compatible(group, expected: dict[str, Any], path: Path) -> None:
     found = dict(group.attrs)
     if found.get("fingerprint") == expected["fingerprint"]:
         return
-    differs = []
-    if found.get("manifest_sha256") != expected["manifest_sha256"]:
-        differs.append("the manifest")
     theirs, ours = found.get("settings", {}), expected["settings"]
-    differs += [f"setting '{k}' ({theirs.get(k)!r} there, {ours.get(k)!r} now)" for k in ours if theirs.get(k) != ours.get(k)]
+    differs = [f"setting '{k}' ({theirs.get(k)!r} there, {ours.get(k)!r} now)" for k in ours if theirs.get(k) != ours.get(k)]
     if found.get("landmark_names") != expected["landmark_names"]:
         differs.append("the landmark names")
+    differs += _subject_differences(found.get("subjects", []), expected["subjects"])
     if not differs:
-        differs.append("the CT files")
+        differs.append("the store's format")
     raise PelmarkError(
         f"store was made from other inputs ({'; '.join(differs)}); use --overwrite to replace it or pick another --out",
         path,
     )
+
+
+def _subject_differences(found: list[dict[str, Any]], expected: list[dict[str, Any]]) -> list[str]:
+    """What differs between the subjects a store was made from and the manifest's, in words."""
+    if [s.get("id") for s in found] != [s["id"] for s in expected]:
+        return ["the subjects (their ids or order)"]
+    if any("landmarks_sha256" not in s for s in found):
+        return ["written by an earlier pelmark, whose fingerprint left out the landmark files"]
+    differs = []
+    for then, now in zip(found, expected):
+        for key, what in (("role", "role"), ("ct_sha256", "CT"), ("landmarks_sha256", "landmark points")):
+            if then.get(key) != now[key]:
+                differs.append(f"subject {now['id']!r}'s {what}")
+    return differs
 
 
 def _writable_parent(path: Path) -> None:
@@ -251,7 +279,7 @@ def run_synth(
     _check_out(out, overwrite)
     settings = resolve_settings(manifest.synth, overrides, manifest.path)
     _device(settings.device)  # fail before anything is written
-    subjects = check_inputs(manifest, progress)
+    subjects = check_inputs(manifest, settings, progress)
     attributes = store_attributes(manifest, settings, subjects)
     _writable_parent(out)
 
@@ -283,11 +311,29 @@ def run_synth(
         _run_jobs(str(out), jobs, settings, progress)
         group.attrs["complete"] = bool(store_mod.done_subjects(group).all())
         group.attrs["finished"] = store_mod.now_utc()
+        warnings = unseen_subjects(group, [s.id for s in manifest.subjects], settings.views)
     return SynthReport(
         store=out,
         rendered_subjects=tuple(j.subject.id for j in jobs),
         skipped_subjects=skipped,
         n_images=len(manifest.subjects) * settings.views,
+        warnings=warnings,
+    )
+
+
+def unseen_subjects(group, subject_ids: list[str], views: int) -> tuple[str, ...]:
+    """A warning for each finished subject with no landmark on the detector in any view.
+
+    Such a subject trains nothing and scores nothing; it most often means a CT with absurd
+    geometry, landmarks of another CT, or a detector far too small.
+    """
+    done = store_mod.done_subjects(group)
+    seen = np.asarray(group["visible"][:], dtype=bool).reshape(len(subject_ids), views, -1).any(axis=(1, 2))
+    return tuple(
+        f"subject {subject_id!r}: no landmark is on the detector in any of its {views} views "
+        "(check the CT's geometry, its landmark file and the detector size)"
+        for subject_id, finished, visible in zip(subject_ids, done, seen)
+        if finished and not visible
     )
 
 

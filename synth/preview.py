@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pelmark.errors import PelmarkError
+from pelmark.io.outputs import refuse_inputs
 from pelmark.synth.poses import Split
 from pelmark.synth.store import open_store
+from pelmark.validation import PreviewOptions, check
 
 
 def write_previews(store_path: Path, out_dir: Path, per_split: int = 12, columns: int = 4) -> list[Path]:
@@ -15,7 +18,16 @@ def write_previews(store_path: Path, out_dir: Path, per_split: int = 12, columns
 
     Visible landmarks are green dots with their index (L1..); landmarks that
     fall outside the detector are red crosses drawn in the margin around the image.
+
+    Raises:
+        PelmarkError: ``per_split`` is below 1, ``out_dir`` is a file or lies in the store,
+            or the store is not one; nothing is written then.
     """
+    check(PreviewOptions, {"per_split": per_split})
+    out_dir = Path(out_dir)
+    refuse_inputs(out_dir, [("the store", Path(store_path))])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PelmarkError("exists and is not a folder; --out names the folder for the PNG montages", out_dir)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,8 +39,10 @@ def write_previews(store_path: Path, out_dir: Path, per_split: int = 12, columns
     done = group["subject_done"][:]
     views = int(group.attrs["settings"]["views"])
     ready = np.repeat(done, views)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PelmarkError(f"cannot create the folder ({exc.strerror})", out_dir) from None
     written = []
     for code in Split:
         rows = np.flatnonzero((split == code) & ready)

@@ -169,6 +169,14 @@ def hu_to_attenuation(hu: np.ndarray, settings: RenderSettings) -> np.ndarray:
     return mu.astype(np.float32)
 
 
+def solid_blocks(mu: Tensor, air_threshold: float, block: int = 2) -> Tensor:
+    """True for each ``block``-sized cube of an attenuation volume whose mean is above ``air_threshold``.
+
+    A volume with none is all air: the input check refuses it (see :func:`body_box`).
+    """
+    return torch.nn.functional.avg_pool3d(mu[None, None].float(), block, ceil_mode=True)[0, 0] > air_threshold
+
+
 def body_box(mu: Tensor, air_threshold: float, block: int = 2, margin: int = 1) -> tuple[list[int], list[int]]:
     """Index range ``[lo, hi)`` per axis of the non-air part of an attenuation volume.
 
@@ -178,8 +186,7 @@ def body_box(mu: Tensor, air_threshold: float, block: int = 2, margin: int = 1) 
     ``margin`` voxels are kept around the box so that trilinear samples near
     its faces see the same neighbours as in the whole volume.
     """
-    pooled = torch.nn.functional.avg_pool3d(mu[None, None].float(), block, ceil_mode=True)[0, 0]
-    solid = pooled > air_threshold
+    solid = solid_blocks(mu, air_threshold, block)
     if not bool(solid.any()):
         return [0, 0, 0], [1, 1, 1]  # all air: keep one voxel so that shapes stay valid
     lo, hi = [], []

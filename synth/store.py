@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -93,6 +94,10 @@ def open_store(path: Path, mode: str = "r"):
     if attrs.get("format") != FORMAT_NAME:
         raise PelmarkError("not a pelmark synth store (no 'format' attribute)", path)
     version = attrs.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        # A string "1" would otherwise read as "version 1 but this pelmark reads version 1".
+        found = "missing" if version is None else f"{json.dumps(version)} (a {type(version).__name__}, not an integer)"
+        raise PelmarkError(f"store attribute format_version is {found}: the store was edited or not written by pelmark", path)
     if version != FORMAT_VERSION:
         raise PelmarkError(
             f"store format version {version} but this pelmark reads version {FORMAT_VERSION}; "
@@ -107,12 +112,81 @@ def done_subjects(group) -> np.ndarray:
     return np.asarray(group["subject_done"][:], dtype=bool)
 
 
+def missing_parts(group) -> list[str]:
+    """What an interrupted synth left out of a store, one line per subject it did not finish ([] when complete)."""
+    attrs = dict(group.attrs)
+    done = done_subjects(group)
+    views = group["split"].shape[0] // max(len(done), 1)
+    records = attrs.get("subjects") or [{"id": f"#{i}", "role": "?"} for i in range(len(done))]
+    return [
+        f"subject {record['id']!r} ({record['role']}) was not rendered: its {views} images are missing"
+        for record, finished in zip(records, done)
+        if not finished
+    ]
+
+
+def check_complete(path: Path, allow_incomplete: bool = False) -> list[str]:
+    """Refuse a store whose synth was interrupted, unless ``allow_incomplete``; returns what is missing.
+
+    Training on such a store silently used only the subjects that were finished, and evaluation
+    silently dropped a split whose subjects were not.
+
+    Raises:
+        PelmarkError: the store is not one, or is incomplete and ``allow_incomplete`` is off.
+    """
+    group = open_store(Path(path))
+    missing = missing_parts(group)
+    if missing and not allow_incomplete:
+        n = len(done_subjects(group))
+        raise PelmarkError(
+            f"store is incomplete (synth was interrupted): {len(missing)} of {n} subjects not rendered; "
+            "run the same pelmark synth again to finish it, or pass --allow-incomplete to use what is there",
+            path,
+        )
+    return missing
+
+
 def write_subject(group, layout: StoreLayout, subject_index: int, data: dict[str, np.ndarray]) -> None:
     """Write one subject's rows, then mark it done (last, so a crash never leaves a false 'done')."""
     rows = layout.rows(subject_index)
     for name in ("pose", "landmarks_2d", "visible", "landmarks_3d", "subject", "split"):
         group[name][rows] = data[name]
     group["subject_done"][subject_index] = True
+
+
+# ---------------------------------------------------------------- what decides the data
+
+# What of each subject's record enters the fingerprint: its id seeds the poses, its role decides the splits.
+FINGERPRINT_SUBJECT_KEYS = ("id", "role", "ct_sha256", "landmarks_sha256")
+
+
+def landmarks_digest(points_world: np.ndarray) -> str:
+    """sha256 of a subject's 3D landmarks as pelmark read them ((L, 3) world mm, the manifest's order)."""
+    return hashlib.sha256(np.ascontiguousarray(points_world, dtype=np.float64).tobytes()).hexdigest()
+
+
+def fingerprint(settings: dict[str, Any], landmark_names: list[str], subjects: list[dict[str, Any]], **extra: Any) -> str:
+    """sha256 of exactly what decides a store's data, and of nothing else.
+
+    That is the data settings (``[synth]`` less how it runs), the landmark list, and each subject's
+    :data:`FINGERPRINT_SUBJECT_KEYS`: the CT's voxels and geometry, the landmark points, the id and
+    the role. The manifest's bytes are not in it: its ``[train]`` table, comments and paths do not
+    change the data, while a landmark file edited in place does.
+
+    Args:
+        settings: the data settings.
+        landmark_names: the landmark list, in order.
+        subjects: one record per subject, in store order, with at least :data:`FINGERPRINT_SUBJECT_KEYS`.
+        extra: more that decides the data of a store not rendered by synth (an import's source file).
+    """
+    inputs = {
+        "format_version": FORMAT_VERSION,
+        "settings": settings,
+        "landmark_names": list(landmark_names),
+        "subjects": [{key: record[key] for key in FINGERPRINT_SUBJECT_KEYS} for record in subjects],
+        **extra,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- provenance

@@ -44,7 +44,7 @@ from pelmark.errors import PelmarkError
 from pelmark.io.outputs import refuse_inputs
 from pelmark.seeding import numpy_generator
 from pelmark.synth.poses import Split
-from pelmark.synth.store import git_revision, now_utc, open_store, package_versions
+from pelmark.synth.store import check_complete, git_revision, now_utc, open_store, package_versions
 from pelmark.train.checkpoint import (
     CHECKPOINT_FORMAT,
     RUN_FORMAT,
@@ -103,6 +103,10 @@ class _State:
     best_val_rmse_px: float = math.inf
     best_step: int = -1
     reference_losses: list[float] = dataclasses.field(default_factory=list)
+    # The loss summed over the steps since the last metrics_epochs.csv row, so that a resumed run's row
+    # averages the same steps as an uninterrupted run's (it was NaN when the checkpoint closed the epoch).
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
 
 
 class Diverged(Exception):
@@ -549,6 +553,19 @@ def check_resume_config(config: TrainConfig, saved: TrainConfig, run_dir: Path) 
         raise PelmarkError(f"--resume with settings that differ from the run's: {listed}; pass the run's settings or --overwrite", run_dir)
 
 
+def check_pel_landmarks(config: TrainConfig, landmark_names: tuple[str, ...], store: Path) -> None:
+    """Refuse PEL on a store with too few landmarks to pin a pose: PEL was 0 at every step there."""
+    from pelmark.registration import RegistrationSettings
+
+    needed = RegistrationSettings().min_visible
+    if config.pel > 0 and len(landmark_names) < needed:
+        raise PelmarkError(
+            f"{config.strategy.value} trains with PEL, which registers a pose from at least {needed} landmarks; "
+            f"the store has {len(landmark_names)} ({', '.join(landmark_names)}): train the baseline, or synthesise more landmarks",
+            store,
+        )
+
+
 def train(
     config: TrainConfig,
     store: Path,
@@ -557,6 +574,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     after_step: Callable[[int], None] | None = None,
+    allow_incomplete: bool = False,
 ) -> RunReport:
     """Train one run into ``run_dir`` (see the module docstring).
 
@@ -571,10 +589,13 @@ def train(
             metrics and run.json are removed before the new run writes its own.
         progress: show a progress bar.
         after_step: called with the global step after each step (tests use it to simulate a crash).
+        allow_incomplete: train on the finished subjects of a store whose synth was interrupted
+            (refused otherwise); :func:`pelmark.synth.store.check_complete` says what is missing.
 
     Raises:
-        PelmarkError: bad store, bad --init, a run folder in the way, nothing to resume,
-            or a resume with other settings than the run's.
+        PelmarkError: bad store, an incomplete store, a PEL strategy on a store with too few
+            landmarks, bad --init, a run folder in the way, nothing to resume, or a resume with
+            other settings than the run's.
     """
     store, run_dir = Path(store), Path(run_dir)
     inputs: tuple[tuple[str, Path], ...] = (("the store", store),)
@@ -582,6 +603,8 @@ def train(
         init = Path(config.init)
         inputs += (("the --init run" if init.is_dir() else "the --init checkpoint", init),)
     previous = prepare_run_dir(run_dir, resume, overwrite, inputs)
+    check_complete(store, allow_incomplete)
+    check_pel_landmarks(config, tuple(open_store(store).attrs.get("landmark_names", ())), store)
     if previous is not None:
         check_resume_config(config, TrainConfig.from_dict(previous["config"], run_dir / "run.json"), run_dir)
     if config.strategy is Strategy.FINETUNE and not config.init:
@@ -627,7 +650,7 @@ def _loop(trainer: Trainer, steps_log, epochs_log, board, after_step, created) -
     )
     try:
         while state.epoch < config.epochs and state.step < trainer.total_steps:
-            epoch_start, losses = time.perf_counter(), []
+            epoch_start = time.perf_counter()
             trainer.train_set.set_epoch(state.epoch)
             batches = epoch_batches(len(trainer.train_set), config.batch_size, config.seed, state.epoch)
             todo = [_rank_part(b, dist) for b in batches[state.step_in_epoch :]]
@@ -643,7 +666,8 @@ def _loop(trainer: Trainer, steps_log, epochs_log, board, after_step, created) -
                 now = time.perf_counter()
                 row.update(step=state.step, epoch=state.epoch, lr=trainer.scheduler.get_last_lr()[0], images_per_s=config.batch_size / max(now - tick, 1e-9))
                 tick = now
-                losses.append(row["loss"])
+                state.epoch_loss_sum += row["loss"]
+                state.epoch_loss_steps += 1
                 if steps_log is not None:
                     steps_log.write(row)
                     if board is not None:
@@ -666,13 +690,15 @@ def _loop(trainer: Trainer, steps_log, epochs_log, board, after_step, created) -
             improved = math.isfinite(val) and val < state.best_val_rmse_px
             if improved:
                 state.best_val_rmse_px, state.best_step = val, state.step
+            train_loss = state.epoch_loss_sum / state.epoch_loss_steps if state.epoch_loss_steps else float("nan")
+            state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
             trainer.checkpoint("last")
             if improved or trainer.val_set is None:
                 trainer.checkpoint("best")
             if epochs_log is not None:
                 epochs_log.write(
-                    dict(epoch=state.epoch, step=state.step, train_loss=float(np.mean(losses)) if losses else float("nan"),
-                         val_rmse_px=val, seconds=time.perf_counter() - epoch_start)
+                    dict(epoch=state.epoch, step=state.step, train_loss=train_loss, val_rmse_px=val,
+                         seconds=time.perf_counter() - epoch_start)
                 )
                 if board is not None and math.isfinite(val):
                     board.add_scalar("val/rmse_px", val, state.step)

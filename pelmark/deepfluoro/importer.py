@@ -357,6 +357,7 @@ def _write(
     from pelmark.io.ct import save_ct
     from pelmark.io.landmarks import write_mrk_json, write_text_atomic
     from pelmark.manifest import Role, Subject, write_manifest
+    from pelmark.synth.store import landmarks_digest
 
     (staging / "ct").mkdir()
     (staging / "landmarks").mkdir()
@@ -383,6 +384,7 @@ def _write(
                     "ct": str(out / ct_rel),
                     "landmarks": str(out / lm_rel),
                     "ct_sha256": ct.digest(),
+                    "landmarks_sha256": landmarks_digest(plan.world[specimen.name]),
                     "ct_shape": list(ct.shape),
                     "ct_spacing_mm": [float(s) for s in ct.spacing_mm],
                     "projections": [r.key for r in specimen.projections],
@@ -537,18 +539,8 @@ def _write_store(
         store_mod.write_subject(group, layout, index, data)
         records[index]["rows"] = [rows.start, rows.start + count]
 
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {
-                "manifest": manifest_sha,
-                "settings": data_settings,
-                "cts": [r["ct_sha256"] for r in records],
-                "source": digest.hexdigest(),
-                "format_version": store_mod.FORMAT_VERSION,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
+    # As synth's: what decides the data (here the X-rays of the source file too), not the manifest's bytes.
+    fingerprint = store_mod.fingerprint(data_settings, list(plan.names), records, source=digest.hexdigest())
     group.attrs.update(
         {
             "landmark_names": list(plan.names),

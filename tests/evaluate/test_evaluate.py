@@ -575,3 +575,25 @@ def test_cli_bad_input_is_one_line(store, runs, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {run}: run predicts landmarks ['A', 'B']")
     assert not out.exists()
+
+
+def test_an_incomplete_store_is_refused_unless_allowed(store, runs, tmp_path):
+    """Regression: on a store whose synth was interrupted, eval silently dropped the novel_subject split."""
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(store, partial)
+    open_store(partial, mode="r+")["subject_done"][2] = False  # b2, the novel subject
+    out = tmp_path / "out"
+    args = ["eval", str(runs["run_a"]), "--store", str(partial), "--out", str(out), "--samples", "0", "--device", "cpu",
+            "--workers", "0", "--bootstrap", "10", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"error: {partial}: store is incomplete (synth was interrupted): 1 of 3 subjects not rendered; "
+        "run the same pelmark synth again to finish it, or pass --allow-incomplete to use what is there"
+    ], result.output
+    assert not out.exists()
+    result = CliRunner().invoke(app, [*args, "--allow-incomplete"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"warning: {partial}: subject 'b2' (novel_subject) was not rendered: its 4 images are missing"
+    ]
+    assert {row[0] for row in _read_csv(out / "table1.csv")[1:]} == {"novel_view"}

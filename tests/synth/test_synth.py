@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from cohort_fixtures import NAMES, bead_ct, centroid_errors, write_bead_cohort
 from pelmark.cli import app
 from pelmark.errors import PelmarkError
 from pelmark.io.ct import CTVolume, save_ct
+from pelmark.manifest import Role
 from pelmark.synth import store as store_mod
 from pelmark.synth.pipeline import run_synth
 
@@ -253,3 +255,139 @@ def test_an_empty_existing_folder_is_written_into(cohort, tmp_path):
         store.mkdir()
         run_synth(cohort, store, {"scheduler": "sync"}, overwrite=overwrite, progress=False)
         assert store_mod.open_store(store).attrs["complete"] is True
+
+
+# ---------------------------------------------------------------- issue 14: refused before anything is written
+
+
+def _write_ct_like(path: Path, hu: np.ndarray, spacing_mm: float, dtype: str = "float32") -> None:
+    """A CT file of ``hu`` (bead CT 1's orientation and origin) with voxels of ``spacing_mm``, stored as ``dtype``."""
+    import SimpleITK as sitk
+
+    from pelmark.io.ct import ct_to_sitk
+
+    ct, _ = bead_ct(1)
+    affine = ct.affine_ras.copy()
+    affine[:3, :3] *= spacing_mm / 3.0
+    image = ct_to_sitk(CTVolume(hu=hu.astype(np.float32), affine_ras=affine))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16) if dtype == "int16" else image, str(path))
+
+
+@pytest.mark.parametrize("problem", ["all_air", "spacing_100mm", "spacing_0.01mm"])
+def test_an_implausible_ct_is_refused_by_the_input_check(cohort, tmp_path, problem):
+    """Regression: an all-air int16 CT crashed in the renderer with a store half-written; 100 mm voxels rendered garbage."""
+    ct, _ = bead_ct(1)
+    if problem == "all_air":
+        _write_ct_like(cohort.parent / "ct" / "b1.nii.gz", np.full(ct.shape, -1000.0), 3.0, dtype="int16")
+        expected = "CT of subject 'b1' is all air"
+    else:
+        spacing = float(problem.removeprefix("spacing_").removesuffix("mm"))
+        _write_ct_like(cohort.parent / "ct" / "b1.nii.gz", ct.hu, spacing)
+        expected = "implausible voxel spacing"
+    store = tmp_path / "s.zarr"
+    result = runner.invoke(app, ["synth", str(cohort), "--out", str(store), "--no-progress", "--scheduler", "sync"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {cohort.parent / 'ct' / 'b1.nii.gz'}: {expected}"), lines[0]
+    assert not store.exists()
+
+
+@pytest.mark.parametrize(
+    ("synth", "options", "message"),
+    [
+        ({"views": 6.5}, [], "{manifest}: [synth] views must be an integer >= 1, got 6.5"),
+        ({"views": True}, [], "{manifest}: [synth] views must be an integer >= 1, got true"),
+        ({"views": "ten"}, [], '{manifest}: [synth] views must be an integer >= 1, got "ten"'),
+        ({"seed": "0"}, [], '{manifest}: [synth] seed must be an integer >= 0, got "0"'),
+        ({"scheduler": "nowhere"}, [], '{manifest}: [synth] scheduler must be local, sync, or a scheduler address'),
+        ({}, ["--threads", "-1"], "--threads must be an integer >= 1, got -1"),
+        ({}, ["--scheduler", "nowhere"], "--scheduler must be local, sync, or a scheduler address"),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_no_store(tmp_path, synth, options, message):
+    """Regression: these gave tracebacks, some after creating the store (an unknown scheduler left an empty one)."""
+    manifest = write_bead_cohort(tmp_path / "cohort", synth=synth)
+    store = tmp_path / "s.zarr"
+    result = runner.invoke(app, ["synth", str(manifest), "--out", str(store), "--no-progress", *options])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: " + message.format(manifest=manifest)), lines[0]
+    assert not store.exists() and not store_mod.StoreLock(store).path.exists()
+
+
+def test_the_fingerprint_covers_the_landmark_points_and_roles_but_not_the_train_table(cohort, tmp_path):
+    """Regression: an edited landmark file kept its stale store; a changed [train] table invalidated a finished one."""
+    from pelmark.manifest import load_manifest, write_manifest
+
+    store = tmp_path / "s.zarr"
+    _synth(cohort, store)
+    manifest = load_manifest(cohort)
+    write_manifest(cohort, manifest.name, manifest.landmarks, manifest.subjects, synth=manifest.synth, train={"lr": 0.5})
+    report = _synth(cohort, store)
+    assert report.rendered_subjects == () and len(report.skipped_subjects) == 3
+
+    path = cohort.parent / "landmarks" / "b1.mrk.json"
+    data = json.loads(path.read_text())
+    data["markups"][0]["controlPoints"][0]["position"][0] += 3.0  # still inside the CT
+    path.write_text(json.dumps(data))
+    with pytest.raises(PelmarkError, match="other inputs \\(subject 'b1''s landmark points\\)"):
+        _synth(cohort, store)
+    swapped = [s if s.id != "b0" else dataclasses.replace(s, role=Role.NOVEL_SUBJECT) for s in manifest.subjects]
+    write_manifest(cohort, manifest.name, manifest.landmarks, swapped, synth=manifest.synth)
+    with pytest.raises(PelmarkError, match="subject 'b0''s role; subject 'b1''s landmark points"):
+        _synth(cohort, store)
+
+
+def test_a_store_from_before_the_landmark_fingerprint_says_so(cohort, tmp_path):
+    store = tmp_path / "s.zarr"
+    _synth(cohort, store)
+    group = zarr.open_group(str(store), mode="r+")
+    subjects = group.attrs["subjects"]
+    for record in subjects:
+        del record["landmarks_sha256"]
+    group.attrs["subjects"] = subjects
+    group.attrs["fingerprint"] = "0" * 64
+    with pytest.raises(PelmarkError, match="written by an earlier pelmark, whose fingerprint left out the landmark files"):
+        _synth(cohort, store)
+
+
+def test_a_subject_with_no_landmark_in_view_is_warned_about(cohort, tmp_path):
+    """Regression: a CT whose landmarks never reach the detector rendered, without a word, images that teach nothing."""
+    store = tmp_path / "s.zarr"
+    # A detector 0.7 mm across at the isocentre, looking at the CT centre: no bead is on it.
+    result = runner.invoke(app, ["synth", str(cohort), "--out", str(store), "--no-progress", "--scheduler", "sync",
+                                 "--height", "8", "--pixel-spacing", "0.1", "--rotation-range", "0", "--translation-range", "0"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert [w.split(": ", 2)[1] for w in warnings] == [str(store)] * 3
+    assert "subject 'b0': no landmark is on the detector in any of its 4 views" in warnings[0]
+    assert not any(line.startswith("warning:") for line in runner.invoke(
+        app, ["synth", str(cohort), "--out", str(tmp_path / "ok.zarr"), "--no-progress", "--scheduler", "sync"]).output.splitlines())
+
+
+def test_store_format_version_of_the_wrong_type_is_named(cohort, tmp_path):
+    """Regression: format_version = "1" read "store format version 1 but this pelmark reads version 1"."""
+    store = tmp_path / "s.zarr"
+    _synth(cohort, store)
+    zarr.open_group(str(store), mode="r+").attrs["format_version"] = "1"
+    with pytest.raises(PelmarkError) as info:
+        store_mod.open_store(store)
+    assert str(info.value) == f'{store}: store attribute format_version is "1" (a str, not an integer): the store was edited or not written by pelmark'
+
+
+def test_preview_refuses_bad_options_in_one_line(cohort, tmp_path):
+    """Regression: --per-split 0 and an --out that is a file gave tracebacks."""
+    store = tmp_path / "s.zarr"
+    _synth(cohort, store)
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    cases = [
+        (["--per-split", "0", "--out", str(tmp_path / "p")], "error: --per-split must be an integer >= 1, got 0"),
+        (["--out", str(afile)], f"error: {afile}: exists and is not a folder"),
+        (["--out", str(store / "previews")], f"error: {store / 'previews'}: --out must not be, hold or lie inside the store"),
+    ]
+    for options, expected in cases:
+        result = runner.invoke(app, ["synth", "preview", str(store), *options])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(expected), result.output
+    assert afile.read_text() == "mine" and not (tmp_path / "p").exists() and not (store / "previews").exists()

@@ -113,7 +113,7 @@ def test_config_precedence_and_errors(tmp_path):
         resolve_config("baseline", {"bogus": 1})
     with pytest.raises(PelmarkError, match="unknown strategy"):
         resolve_config("pel", {})
-    with pytest.raises(PelmarkError, match="unknown solver"):
+    with pytest.raises(PelmarkError, match="--solver must be one of lm, adam, lbfgs"):
         resolve_config("finetune", {}, {"solver": "newton"})
 
 
@@ -521,3 +521,82 @@ def test_out_must_not_be_an_input_nor_a_folder_of_other_files(store, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert loop_mod.train(_config(epochs=1, max_steps=1), store, empty, progress=False).status is RunStatus.COMPLETE
+
+
+# ---------------------------------------------------------------- issue 14: refused before training
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("batch_size = 2.5", "[train] batch_size must be an integer >= 1, got 2.5"),
+        ('seed = "x"', '[train] seed must be an integer >= 0, got "x"'),
+        ('augment = "false"', '[train] augment must be true or false, got "false"'),
+        ('[train.finetune]\nlr = "1e-5"', '[train.finetune] lr must be a number > 0, got "1e-5"'),
+    ],
+)
+def test_a_bad_train_setting_is_one_line_naming_key_and_file(store, tmp_path, line, message):
+    """Regression: these gave tracebacks, or (augment = "false") trained with augmentation on."""
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f"[train]\nepochs = 1\n{line}\n")
+    run = tmp_path / "run"
+    result = _cli("train", "baseline", store, "--out", run, "--config", config_file, "--no-progress")
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [f"error: {config_file}: {message}"], result.output
+    assert not run.exists()
+
+
+def test_an_incomplete_store_is_refused_unless_allowed(store, tmp_path):
+    """Regression: a store whose synth was interrupted trained on the finished subjects only, without a word."""
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(store, partial)
+    open_store(partial, mode="r+")["subject_done"][1] = False
+    options = ["--size", "32", "--encoder", "resnet18", "--encoder-depth", "3", "--batch-size", "2", "--workers", "0",
+               "--max-steps", "1", "--no-progress", "--device", "cpu"]
+    run = tmp_path / "run"
+    result = _cli("train", "baseline", partial, "--out", run, *options)
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"error: {partial}: store is incomplete (synth was interrupted): 1 of 3 subjects not rendered; "
+        "run the same pelmark synth again to finish it, or pass --allow-incomplete to use what is there"
+    ], result.output
+    assert not run.exists()
+    result = _cli("train", "baseline", partial, "--out", run, *options, "--allow-incomplete")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines() == [f"warning: {partial}: subject 'b1' (train) was not rendered: its 4 images are missing"]
+
+
+@pytest.mark.parametrize("strategy", [Strategy.COMPOSITE, Strategy.PEL_ONLY, Strategy.FINETUNE])
+def test_pel_on_fewer_than_four_landmarks_is_refused(store, tmp_path, strategy):
+    """Regression: PEL on a store of 3 landmarks trained with a PEL of 0 at every step."""
+    three = tmp_path / "three.zarr"
+    shutil.copytree(store, three)
+    open_store(three, mode="r+").attrs["landmark_names"] = ["A", "B", "C"]
+    run = tmp_path / "run"
+    result = _cli("train", strategy.value, three, "--out", run, "--no-progress", "--device", "cpu")
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"error: {three}: {strategy.value} trains with PEL, which registers a pose from at least 4 landmarks; "
+        "the store has 3 (A, B, C): train the baseline, or synthesise more landmarks"
+    ], result.output
+    assert not run.exists()
+
+
+def test_a_run_resumed_at_an_epochs_end_logs_that_epochs_loss(store, tmp_path):
+    """Regression: resumed from a checkpoint written at the epoch's last step, metrics_epochs.csv had train_loss = nan."""
+    config = _config(epochs=2)
+    whole = tmp_path / "whole"
+    loop_mod.train(config, store, whole, progress=False)
+    crashed = tmp_path / "crashed"
+
+    def crash(step: int) -> None:
+        if step == 2:  # the first epoch's last step, after its checkpoint and before the epoch's row
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        loop_mod.train(config, store, crashed, progress=False, after_step=crash)
+    loop_mod.train(config, store, crashed, resume=True, progress=False)
+
+    def epochs(run: Path) -> list[tuple[str, str, str, str]]:
+        with open(run / "metrics_epochs.csv", newline="") as handle:
+            return [(r["epoch"], r["step"], r["train_loss"], r["val_rmse_px"]) for r in csv.DictReader(handle)]
+
+    assert len(epochs(whole)) == 2 and all(math.isfinite(float(row[2])) for row in epochs(whole))
+    assert epochs(crashed) == epochs(whole)
