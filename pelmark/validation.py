@@ -44,7 +44,8 @@ def _choices(values) -> Any:
 
 
 class _Strict(BaseModel):
-    """Every key optional (absent = the default of the layer below), no coercion, no unknown key."""
+    """No coercion and no unknown key. In the settings tables every key is optional: one left out takes the
+    value of the layer below (the dataclass default, the manifest, ...)."""
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
 
