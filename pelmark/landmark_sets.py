@@ -35,3 +35,55 @@ DEEPFLUORO_LANDMARKS: tuple[str, ...] = (
     "SPS-l", "SPS-r", "IPS-l", "IPS-r", "ASIS-l", "ASIS-r",
 )  # fmt: skip
 """The fourteen DeepFluoro landmarks, in the dataset's order."""
+
+
+# ---------------------------------------------------------------- bone classes
+
+SEED003_CLASSES: tuple[str, ...] = (
+    "hemipelvis-l", "hemipelvis-r", "femur-l", "femur-r", "vertebrae", "upper-sacrum",
+)  # fmt: skip
+"""The six bone classes of seed 003 (Hresko & Drotar): left and right hemipelvis, left and right femur,
+vertebrae and upper sacrum. A label map stores class ``k`` of a cohort's ``[dataset] classes`` as the
+value ``k + 1``; 0 is background."""
+
+LANDMARK_BONES: dict[str, tuple[str, ...]] = {
+    "ASIS-l": ("hemipelvis-l",),
+    "ASIS-r": ("hemipelvis-r",),
+    "IOF-l": ("hemipelvis-l",),
+    "IOF-r": ("hemipelvis-r",),
+    "MOF-l": ("hemipelvis-l",),
+    "MOF-r": ("hemipelvis-r",),
+    "GSN-l": ("hemipelvis-l",),
+    "GSN-r": ("hemipelvis-r",),
+    "SPS-l": ("hemipelvis-l",),
+    "SPS-r": ("hemipelvis-r",),
+    "IPS-l": ("hemipelvis-l",),
+    "IPS-r": ("hemipelvis-r",),
+    # The midline points lie on the joint between the two pubic bones: either side is the bone.
+    "SPS": ("hemipelvis-l", "hemipelvis-r"),
+    "IPS": ("hemipelvis-l", "hemipelvis-r"),
+    # The femoral head sits in the acetabulum: in projection it overlaps its hemipelvis.
+    "FH-l": ("femur-l", "hemipelvis-l"),
+    "FH-r": ("femur-r", "hemipelvis-r"),
+}
+"""The bone (or bones) each landmark lies on, by class name: the anatomical-consistency check of seed 003
+asks whether a predicted landmark falls inside one of them."""
+
+
+def landmark_bone_matrix(landmarks: tuple[str, ...] | list[str], classes: tuple[str, ...] | list[str]) -> list[list[bool]]:
+    """(L, C + 1) rows: ``[l][k]`` is True when label value ``k`` (class ``classes[k - 1]``) is a bone of landmark ``l``.
+
+    Names are matched case-insensitively. A landmark without a known bone, or whose bones the cohort
+    does not label, gets a row that is True for every bone class (any bone counts), so the check
+    never calls it misplaced for want of a label.
+    """
+    folded = [c.casefold() for c in classes]
+    bones = {name.casefold(): tuple(b.casefold() for b in values) for name, values in LANDMARK_BONES.items()}
+    rows = []
+    for name in landmarks:
+        wanted = [k + 1 for k, c in enumerate(folded) if c in bones.get(name.casefold(), ())]
+        row = [False] * (len(classes) + 1)
+        for k in wanted or range(1, len(classes) + 1):
+            row[k] = True
+        rows.append(row)
+    return rows

@@ -11,6 +11,7 @@ Example::
     ct = "ct/s000.nii.gz"                # relative to the manifest file
     landmarks = "landmarks/s000.mrk.json"
     role = "train"                       # train | novel_subject
+    segmentation = "seg/s000.nii.gz"     # optional: bone labels on the CT's grid ([dataset] classes)
 
     [synth]                              # optional: [synth], [train], [eval]
     views = 100
@@ -42,7 +43,7 @@ from pelmark.io.ct import CTVolume, load_ct
 from pelmark.io.landmarks import load_landmarks, write_text_atomic
 
 _TABLES = ("dataset", "subjects", "synth", "train", "eval")
-_SUBJECT_KEYS = ("id", "ct", "landmarks", "role")
+_SUBJECT_KEYS = ("id", "ct", "landmarks", "role", "segmentation")
 # Voxel sizes of any CT (mm); outside them the header is wrong (cm or m units, or corrupt) and the DRRs garbage.
 PLAUSIBLE_SPACING_MM = (0.1, 10.0)
 
@@ -56,12 +57,13 @@ class Role(str, Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Subject:
-    """One patient: a CT, its 3D landmarks, and its role. Paths are absolute."""
+    """One patient: a CT, its 3D landmarks, its role, and optionally its bone labels. Paths are absolute."""
 
     id: str
     ct: Path
     landmarks: Path
     role: Role
+    segmentation: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,8 @@ class Manifest:
         subjects: the subjects, in file order.
         synth, train, eval: the optional settings tables, as parsed.
         sha256: digest of the manifest's bytes, for provenance.
+        classes: the bone classes of the subjects' segmentations (``[dataset] classes``): label value
+            ``k + 1`` is ``classes[k]``, 0 is background; () when the cohort has no segmentations.
     """
 
     path: Path
@@ -85,6 +89,7 @@ class Manifest:
     train: dict[str, Any] = dataclasses.field(hash=False)
     eval: dict[str, Any] = dataclasses.field(hash=False)
     sha256: str
+    classes: tuple[str, ...] = ()
 
     def subjects_with_role(self, role: Role) -> tuple[Subject, ...]:
         return tuple(s for s in self.subjects if s.role is role)
@@ -115,8 +120,10 @@ def load_manifest(path: str | Path) -> Manifest:
 
     _check_keys(document, _TABLES, "top-level key", path)
     name, landmarks = _parse_dataset(document.get("dataset"), path)
+    classes = _parse_classes(document["dataset"], path)
     base = Path(os.path.abspath(path)).parent
     subjects = _parse_subjects(document.get("subjects"), base, path)
+    _check_segmentations(subjects, classes, path)
     settings = {}
     for table in ("synth", "train", "eval"):
         value = document.get(table, {})
@@ -132,6 +139,7 @@ def load_manifest(path: str | Path) -> Manifest:
         train=settings["train"],
         eval=settings["eval"],
         sha256=hashlib.sha256(raw).hexdigest(),
+        classes=classes,
     )
 
 
@@ -155,6 +163,28 @@ def _parse_dataset(dataset: Any, path: Path) -> tuple[str, tuple[str, ...]]:
         repeats = ", ".join(repeated)
         raise PelmarkError(f"[dataset] 'landmarks' repeats {repeats} (names are case-insensitive)", path)
     return checked["name"], names
+
+
+def _parse_classes(dataset: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """``[dataset] classes``: bone class names, distinct (case-insensitively), at most 255."""
+    classes = tuple(dataset.get("classes") or ())
+    folded = [c.casefold() for c in classes]
+    repeated = sorted({c for c in classes if folded.count(c.casefold()) > 1})
+    if repeated:
+        raise PelmarkError(f"[dataset] 'classes' repeats {', '.join(repeated)} (names are case-insensitive)", path)
+    if len(classes) > 255:
+        raise PelmarkError(f"[dataset] 'classes' names {len(classes)} classes; a uint8 label holds at most 255", path)
+    return classes
+
+
+def _check_segmentations(subjects: tuple[Subject, ...], classes: tuple[str, ...], path: Path) -> None:
+    """Segmentations need ``[dataset] classes`` to name their values, and with classes every subject needs one."""
+    with_labels = [s.id for s in subjects if s.segmentation is not None]
+    if with_labels and not classes:
+        raise PelmarkError(f"subject {with_labels[0]!r} has a 'segmentation' but [dataset] has no 'classes' naming its values", path)
+    without = [s.id for s in subjects if s.segmentation is None]
+    if classes and without:
+        raise PelmarkError(f"[dataset] names 'classes' but subject {without[0]!r} has no 'segmentation'", path)
 
 
 def _parse_subjects(subjects: Any, base: Path, path: Path) -> tuple[Subject, ...]:
@@ -188,7 +218,14 @@ def _parse_subjects(subjects: Any, base: Path, path: Path) -> tuple[Subject, ...
             raise PelmarkError(f"{where}: CT not found: {ct}", path)
         if not landmarks.is_file():
             raise PelmarkError(f"{where}: landmark file not found: {landmarks}", path)
-        parsed.append(Subject(id=subject_id, ct=ct, landmarks=landmarks, role=role))
+        segmentation = None
+        if "segmentation" in table:
+            if not isinstance(table["segmentation"], str) or not table["segmentation"].strip():
+                raise PelmarkError(f"{where}: 'segmentation' must be a non-empty string (a file path)", path)
+            segmentation = Path(os.path.abspath(base / Path(table["segmentation"]).expanduser()))
+            if not segmentation.is_file():
+                raise PelmarkError(f"{where}: segmentation not found: {segmentation}", path)
+        parsed.append(Subject(id=subject_id, ct=ct, landmarks=landmarks, role=role, segmentation=segmentation))
     return tuple(parsed)
 
 
@@ -224,7 +261,32 @@ def validate_subject_data(manifest: Manifest, subject: Subject) -> tuple[CTVolum
             " (check the file's RAS/LPS frame)",
             subject.landmarks,
         )
+    if subject.segmentation is not None:
+        validate_segmentation(manifest, subject, ct)
     return ct, points_world
+
+
+def validate_segmentation(manifest: Manifest, subject: Subject, ct: CTVolume) -> np.ndarray:
+    """Load a subject's label volume and check it is on its CT's grid and uses only ``manifest.classes``.
+
+    Returns:
+        The (I, J, K) uint8 labels.
+
+    Raises:
+        PelmarkError: unreadable, on another grid (the message says how it differs), or a value
+            above the number of classes.
+    """
+    from pelmark.io.labels import check_label_grid, load_labels
+
+    volume = load_labels(subject.segmentation)
+    check_label_grid(volume, ct, subject.id)
+    highest = int(volume.labels.max()) if volume.labels.size else 0
+    if highest > len(manifest.classes):
+        raise PelmarkError(
+            f"subject {subject.id!r}: segmentation has label {highest} but [dataset] names {len(manifest.classes)} classes",
+            subject.segmentation,
+        )
+    return volume.labels
 
 
 # ---------------------------------------------------------------- writing
@@ -238,8 +300,9 @@ def write_manifest(
     synth: Mapping[str, Any] | None = None,
     train: Mapping[str, Any] | None = None,
     eval: Mapping[str, Any] | None = None,
+    classes: Sequence[str] = (),
 ) -> None:
-    """Write a manifest that :func:`load_manifest` reads back.
+    """Write a manifest that :func:`load_manifest` reads back (``classes``: the segmentations' ``[dataset] classes``).
 
     Subject paths inside the manifest's folder are written relative to it, so
     the dataset folder can move as a whole; others stay absolute.
@@ -247,13 +310,14 @@ def write_manifest(
     path = Path(path)
     base = Path(os.path.abspath(path)).parent
     document: dict[str, Any] = {
-        "dataset": {"name": name, "landmarks": list(landmarks)},
+        "dataset": {"name": name, "landmarks": list(landmarks), **({"classes": list(classes)} if classes else {})},
         "subjects": [
             {
                 "id": s.id,
                 "ct": _relative_to(s.ct, base),
                 "landmarks": _relative_to(s.landmarks, base),
                 "role": Role(s.role).value,
+                **({"segmentation": _relative_to(s.segmentation, base)} if s.segmentation is not None else {}),
             }
             for s in subjects
         ],

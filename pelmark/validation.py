@@ -120,6 +120,7 @@ class TrainTable(_Strict):
     seed: Optional[NonNegative] = None
     workers: Optional[NonNegative] = None
     device: Optional[Name] = None
+    compile: Optional[bool] = None
     checkpoint_every: Optional[NonNegative] = None
     divergence_factor: Optional[Annotated[float, Gt(1)]] = None
     divergence_warmup: Optional[Count] = None
@@ -131,6 +132,7 @@ class DatasetTable(_Strict):
     name: Name = Field(description="a non-empty string")
     landmarks: Annotated[list[Name], MinLen(1)] = Field(description="a non-empty list of landmark names")
     description: Optional[str] = None
+    classes: Optional[list[Name]] = Field(None, description="a list of bone class names (label k + 1 is classes[k])")
 
 
 class PreviewOptions(_Strict):

@@ -91,7 +91,7 @@ def render_subject(
 
     from pelmark.io.ct import load_ct
     from pelmark.io.landmarks import load_landmarks
-    from pelmark.synth.render import DRRRenderer
+    from pelmark.synth.render import LABEL_MIN_PATH_MM, DRRRenderer, label_volumes, labels_from_paths
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -104,10 +104,19 @@ def render_subject(
     renderer = DRRRenderer(ct, settings.camera, settings.render, device=_device(settings.device))
     rows = layout.rows(job.index)
     images = group["images"]
+    classes = None
+    if layout.segmentation:
+        from pelmark.io.labels import load_labels
+
+        n_classes = len(group.attrs["classes"])
+        classes = label_volumes(load_labels(job.subject.segmentation).labels, ct, renderer.settings, renderer.block, n_classes)
     for start in range(0, settings.views, settings.batch_size):
         stop = min(start + settings.batch_size, settings.views)
         batch = renderer.render(data["pose"][start:stop]).cpu().numpy()
         images[rows.start + start : rows.start + stop] = batch.astype(layout.image_dtype)
+        if classes is not None:  # the same rays as the images: each pixel's bone with the longest path
+            paths = renderer.render_labels(data["pose"][start:stop], classes)
+            group["segmentation"][rows.start + start : rows.start + stop] = labels_from_paths(paths, LABEL_MIN_PATH_MM).cpu().numpy()
         if on_images is not None:
             on_images(stop - start)
     store_mod.write_subject(group, layout, job.index, data)
@@ -124,6 +133,7 @@ def layout_of(group) -> store_mod.StoreLayout:
         width=w,
         n_landmarks=len(attrs["landmark_names"]),
         image_dtype=str(group["images"].dtype),
+        segmentation="segmentation" in group,
     )
 
 
@@ -155,9 +165,19 @@ def check_inputs(manifest: Manifest, settings: SynthSettings, progress: bool = T
                 "landmarks_sha256": store_mod.landmarks_digest(landmarks_world),
                 "ct_shape": list(ct.shape),
                 "ct_spacing_mm": [float(s) for s in ct.spacing_mm],
+                **_segmentation_record(subject),
             }
         )
     return records
+
+
+def _segmentation_record(subject: Subject) -> dict[str, Any]:
+    """The segmentation's path and digest, for a subject that has one ({} otherwise: old fingerprints stay)."""
+    if subject.segmentation is None:
+        return {}
+    from pelmark.io.labels import labels_digest, load_labels
+
+    return {"segmentation": str(subject.segmentation), "segmentation_sha256": labels_digest(load_labels(subject.segmentation))}
 
 
 def _refuse_all_air(ct, settings: SynthSettings, subject: Subject) -> None:
@@ -176,10 +196,14 @@ def _refuse_all_air(ct, settings: SynthSettings, subject: Subject) -> None:
 
 
 def store_attributes(manifest: Manifest, settings: SynthSettings, subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    from pelmark.synth.render import LABEL_MIN_PATH_MM
+
     data = settings.data_fields()
-    fingerprint = store_mod.fingerprint(data, list(manifest.landmarks), subjects)
+    labelled = {"classes": list(manifest.classes), "segmentation_min_path_mm": LABEL_MIN_PATH_MM} if manifest.classes else {}
+    fingerprint = store_mod.fingerprint(data, list(manifest.landmarks), subjects, **labelled)
     camera = settings.camera
     return {
+        **labelled,
         "format": store_mod.FORMAT_NAME,
         "format_version": store_mod.FORMAT_VERSION,
         "landmark_names": list(manifest.landmarks),
@@ -226,8 +250,8 @@ def _subject_differences(found: list[dict[str, Any]], expected: list[dict[str, A
         return ["written by an earlier pelmark, whose fingerprint left out the landmark files"]
     differs = []
     for then, now in zip(found, expected):
-        for key, what in (("role", "role"), ("ct_sha256", "CT"), ("landmarks_sha256", "landmark points")):
-            if then.get(key) != now[key]:
+        for key, what in (("role", "role"), ("ct_sha256", "CT"), ("landmarks_sha256", "landmark points"), ("segmentation_sha256", "segmentation")):
+            if then.get(key) != now.get(key):
                 differs.append(f"subject {now['id']!r}'s {what}")
     return differs
 
@@ -275,6 +299,8 @@ def run_synth(
     inputs = [("the manifest", manifest.path)]
     for subject in manifest.subjects:
         inputs += [(f"{subject.id}'s CT", subject.ct), (f"{subject.id}'s landmark file", subject.landmarks)]
+        if subject.segmentation is not None:
+            inputs.append((f"{subject.id}'s segmentation", subject.segmentation))
     refuse_inputs(out, inputs)
     _check_out(out, overwrite)
     settings = resolve_settings(manifest.synth, overrides, manifest.path)
@@ -297,6 +323,7 @@ def run_synth(
                 width=settings.camera.width,
                 n_landmarks=len(manifest.landmarks),
                 image_dtype=settings.image_dtype,
+                segmentation=bool(manifest.classes),
             )
             store_mod.create_store(out, layout, {**attributes, "complete": False})
             group = store_mod.open_store(out, mode="r+")

@@ -242,15 +242,63 @@ def attenuation_volume(
     (K, J, I) order, the order in which ``grid_sample`` reads it.
     """
     mu = torch.from_numpy(hu_to_attenuation(ct.hu, settings))
-    affine = ct.affine_world.copy()
-    if settings.crop_to_body:
-        lo, hi = body_box(mu, settings.air_threshold)
-        lo = [start - start % b for start, b in zip(lo, block)]
-        hi = [min(stop + (-stop) % b, size) for stop, b, size in zip(hi, block, mu.shape)]
-        mu = mu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        affine[:3, 3] += affine[:3, :3] @ np.asarray(lo, dtype=np.float64)
-    mu, affine = block_average(mu, affine, block)
-    return _kji_contiguous(mu), affine
+    lo, hi = crop_box(mu, settings, block)
+    return _cropped_averaged(mu, ct.affine_world, lo, hi, block)
+
+
+def crop_box(mu: Tensor, settings: RenderSettings, block: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+    """The index range ``[lo, hi)`` per axis that :func:`attenuation_volume` keeps (the whole volume without ``crop_to_body``)."""
+    if not settings.crop_to_body:
+        return [0, 0, 0], list(mu.shape)
+    lo, hi = body_box(mu, settings.air_threshold)
+    lo = [start - start % b for start, b in zip(lo, block)]
+    hi = [min(stop + (-stop) % b, size) for stop, b, size in zip(hi, block, mu.shape)]
+    return lo, hi
+
+
+def _cropped_averaged(
+    volume: Tensor, affine: np.ndarray, lo: list[int], hi: list[int], block: tuple[int, int, int]
+) -> tuple[Tensor, np.ndarray]:
+    """``volume[lo:hi]`` averaged over ``block``s, (K, J, I)-contiguous, with its affine (see :func:`attenuation_volume`)."""
+    affine = affine.copy()
+    volume = volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    affine[:3, 3] += affine[:3, :3] @ np.asarray(lo, dtype=np.float64)
+    volume, affine = block_average(volume, affine, block)
+    return _kji_contiguous(volume), affine
+
+
+def label_volumes(
+    labels: np.ndarray, ct: CTVolume, settings: RenderSettings, block: tuple[int, int, int], n_classes: int
+) -> Tensor:
+    """(C, I', J', K') float32: for each class ``k = 1..C``, the fraction of each rendered voxel that is class ``k``.
+
+    The label volume is on the CT's grid; each class's indicator is cropped and block-averaged
+    exactly as :func:`attenuation_volume` treats the CT, so that the classes share the rendered
+    attenuation volume's grid and affine, and a ray's integral of class ``k`` is its path length
+    through that bone (mm), sampled where the image is.
+    """
+    mu = torch.from_numpy(hu_to_attenuation(ct.hu, settings))
+    lo, hi = crop_box(mu, settings, block)
+    values = torch.from_numpy(np.asarray(labels, dtype=np.uint8))
+    channels = []
+    for k in range(1, n_classes + 1):
+        indicator, _ = _cropped_averaged((values == k).to(torch.float32), ct.affine_world, lo, hi, block)
+        channels.append(indicator)
+    return torch.stack(channels)
+
+
+# A pixel whose longest path through any one bone is shorter than this is background: a ray that
+# only grazes a bone's surface (a voxel's partial volume) does not make the pixel that bone's.
+LABEL_MIN_PATH_MM = 1.0
+
+
+def labels_from_paths(paths_mm: Tensor, min_path_mm: float) -> Tensor:
+    """(..., H, W) uint8 label map from (..., C, H, W) path lengths: the class (1..C) with the longest path, 0 below ``min_path_mm``.
+
+    Ties go to the lower class value, so the map is deterministic.
+    """
+    longest, index = paths_mm.max(dim=-3)
+    return torch.where(longest >= min_path_mm, index + 1, 0).to(torch.uint8)
 
 
 def _kji_contiguous(volume: Tensor) -> Tensor:
@@ -425,6 +473,32 @@ class DRRRenderer:
     def render(self, poses: Tensor | np.ndarray) -> Tensor:
         """(B, H, W) float32 line integrals (water-equivalent mm) for poses θ (B, 6)."""
         return torch.stack(list(self.render_iter(poses)))
+
+    @torch.no_grad()
+    def render_labels(self, poses: Tensor | np.ndarray, classes: Tensor) -> Tensor:
+        """(B, C, H, W) float32 path lengths (mm) of each pose's rays through each class volume.
+
+        The rays are the image's own (:meth:`render`'s detector, pose and volume grid), sampled
+        on the slices they cross (Joseph's method, as the default image), whatever the image's
+        renderer; with Siddon or uniform sampling the class paths are still along the image's rays.
+
+        Args:
+            poses: (B, 6) θ.
+            classes: (C, I, J, K) per-class volumes on the rendered grid (:func:`label_volumes`).
+        """
+        poses = torch.as_tensor(poses, dtype=torch.float64)
+        if tuple(classes.shape[1:]) != self.volume_shape:
+            raise ValueError(f"class volumes of shape {tuple(classes.shape[1:])}, the rendered volume is {self.volume_shape}")
+        sampler = SliceSampler(classes.to(self.device))
+        dims = torch.tensor(self.volume_shape, dtype=torch.float64, device=self.device)
+        out = []
+        for pose in poses:
+            rays = self._rays(pose[None])
+            # The trilinear support, whatever box the image's renderer clipped its rays to.
+            entry, exit_ = ray_box_interval(rays.source_vox, rays.target_vox, torch.full_like(dims, -1.0), dims)
+            paths = sampler.integrate(rays.source_vox, rays.target_vox, rays.length_mm, entry, exit_, self._chunk_samples)
+            out.append(paths.view(len(classes), self.camera.height, self.camera.width))
+        return torch.stack(out)
 
     @torch.no_grad()
     def render_iter(self, poses: Tensor | np.ndarray) -> Iterator[Tensor]:

@@ -28,15 +28,18 @@ from torch import Tensor
 
 
 class SliceSampler:
-    """Integrates rays through one (I, J, K) volume, slice by slice.
+    """Integrates rays through one (I, J, K) volume, or C volumes on one grid, slice by slice.
 
     Args:
-        volume: (I, J, K) values, indexed like the rays' voxel coordinates.
+        volume: (I, J, K) values, or (C, I, J, K) for C channels integrated along the same
+            samples (the bone label volumes of :meth:`~pelmark.synth.render.DRRRenderer.render_labels`);
+            indexed like the rays' voxel coordinates.
     """
 
     def __init__(self, volume: Tensor):
         self.volume = volume
-        self.shape = tuple(int(s) for s in volume.shape)
+        self.channels = None if volume.dim() == 3 else int(volume.shape[0])
+        self.shape = tuple(int(s) for s in volume.shape[-3:])
         self._stacks: dict[int, Tensor] = {}
 
     def stack(self, axis: int) -> Tensor:
@@ -47,7 +50,10 @@ class SliceSampler:
         """
         if axis not in self._stacks:
             b, c = (x for x in range(3) if x != axis)
-            self._stacks[axis] = self.volume.permute(axis, c, b).contiguous()[:, None]
+            if self.channels is None:
+                self._stacks[axis] = self.volume.permute(axis, c, b).contiguous()[:, None]
+            else:  # (n_axis, C, n_c, n_b): every channel read at the same grid points
+                self._stacks[axis] = self.volume.permute(axis + 1, 0, c + 1, b + 1).contiguous()
         return self._stacks[axis]
 
     def integrate(
@@ -59,7 +65,7 @@ class SliceSampler:
         exit_: Tensor,
         chunk_samples: int,
     ) -> Tensor:
-        """(R,) line integrals of the rays ``source + a (target - source)`` for ``entry <= a <= exit``.
+        """(R,) line integrals of the rays ``source + a (target - source)`` for ``entry <= a <= exit``; (C, R) with channels.
 
         ``[entry, exit]`` must hold the whole of each ray's path through the volume's
         trilinear support, with ``entry >= 0``: nothing behind the source counts. A
@@ -79,15 +85,19 @@ class SliceSampler:
         axis_of = direction.abs().argmax(dim=-1)
         forward = direction.gather(1, axis_of[:, None])[:, 0] > 0
         hit = exit_ > entry
-        image = torch.zeros(len(direction), dtype=torch.float32, device=direction.device)
+        image = torch.zeros(*self._leading, len(direction), dtype=torch.float32, device=direction.device)
         for axis in range(3):
             for sign in (True, False):
                 rays = torch.nonzero(hit & (axis_of == axis) & (forward == sign)).flatten()
                 if len(rays):
-                    image[rays] = self._integrate_along(
+                    image[..., rays] = self._integrate_along(
                         axis, source_vox[rays], direction[rays], length_mm[rays], entry[rays], exit_[rays], chunk_samples
                     )
         return image
+
+    @property
+    def _leading(self) -> tuple[int, ...]:
+        return () if self.channels is None else (self.channels,)
 
     def _integrate_along(
         self, axis: int, source: Tensor, direction: Tensor, length_mm: Tensor, entry: Tensor, exit_: Tensor, chunk: int
@@ -100,7 +110,7 @@ class SliceSampler:
         first = max(0, int(torch.minimum(at_entry, at_exit).min().ceil()))
         last = min(n_axis - 1, int(torch.maximum(at_entry, at_exit).max().floor()))
         if last < first:
-            return torch.zeros(len(source), dtype=torch.float32, device=source.device)
+            return torch.zeros(*self._leading, len(source), dtype=torch.float32, device=source.device)
         n_slices = last - first + 1
 
         # Where each ray crosses slice `first`, and how far it moves per slice, as grid_sample's
@@ -115,17 +125,19 @@ class SliceSampler:
 
         stack = self.stack(axis)[first : last + 1]
         k = torch.arange(n_slices, dtype=torch.float32, device=source.device)
-        sums = torch.empty(len(source), dtype=torch.float32, device=source.device)
-        per_call = max(1, chunk // n_slices)
+        sums = torch.empty(*self._leading, len(source), dtype=torch.float32, device=source.device)
+        per_call = max(1, chunk // (n_slices * (self.channels or 1)))
         for lo in range(0, len(source), per_call):
             hi = min(lo + per_call, len(source))
             grid = torch.addcmul(start[None, lo:hi], k[:, None, None], increment[None, lo:hi])  # (S, r, 2)
             samples = torch.nn.functional.grid_sample(
                 stack, grid[:, :, None], mode="bilinear", padding_mode="zeros", align_corners=False
-            ).view(n_slices, hi - lo)
+            ).view(n_slices, *self._leading, hi - lo)
             if bool(behind[lo:hi].any()):
                 offset = (k[:, None] + first - source[None, lo:hi, axis].float()) * d_axis[None, lo:hi].float()
+                if self.channels is not None:
+                    offset = offset[:, None]
                 samples = samples.masked_fill(offset < 0, 0.0)
-            sums[lo:hi] = samples.sum(dim=0)
+            sums[..., lo:hi] = samples.sum(dim=0)
         # Each sample stands for the ray's length between two slice planes.
         return sums * (length_mm.double() / d_axis.abs()).float()

@@ -46,6 +46,7 @@ class StoreLayout:
     width: int
     n_landmarks: int
     image_dtype: str
+    segmentation: bool = False  # a `segmentation` label map per image (the cohort has bone labels)
 
     @property
     def n_images(self) -> int:
@@ -76,6 +77,8 @@ def create_store(path: Path, layout: StoreLayout, attributes: dict[str, Any]) ->
         "split": ((n,), "uint8", (v,)),
         "subject_done": ((layout.n_subjects,), "bool", (1,)),
     }
+    if layout.segmentation:
+        arrays["segmentation"] = ((n, layout.height, layout.width), "uint8", (1, layout.height, layout.width))
     for name, (shape, dtype, chunks) in arrays.items():
         group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
     group.attrs.update(attributes)
@@ -170,7 +173,8 @@ def fingerprint(settings: dict[str, Any], landmark_names: list[str], subjects: l
 
     That is the data settings (``[synth]`` less how it runs), the landmark list, and each subject's
     :data:`FINGERPRINT_SUBJECT_KEYS`: the CT's voxels and geometry, the landmark points, the id and
-    the role. The manifest's bytes are not in it: its ``[train]`` table, comments and paths do not
+    the role; and a subject's ``segmentation_sha256`` when it has bone labels (a store without them
+    keeps the fingerprint it had before labels existed). The manifest's bytes are not in it: its ``[train]`` table, comments and paths do not
     change the data, while a landmark file edited in place does.
 
     Args:
@@ -183,7 +187,10 @@ def fingerprint(settings: dict[str, Any], landmark_names: list[str], subjects: l
         "format_version": FORMAT_VERSION,
         "settings": settings,
         "landmark_names": list(landmark_names),
-        "subjects": [{key: record[key] for key in FINGERPRINT_SUBJECT_KEYS} for record in subjects],
+        "subjects": [
+            {key: record[key] for key in (*FINGERPRINT_SUBJECT_KEYS, "segmentation_sha256") if key in record}
+            for record in subjects
+        ],
         **extra,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()

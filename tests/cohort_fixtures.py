@@ -1,4 +1,4 @@
-"""A tiny bead cohort for synth tests: small CTs whose landmarks are dense beads."""
+"""A tiny bead cohort for synth tests: small CTs whose landmarks are dense beads, optionally with two labelled bones."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from pelmark.io.ct import CTVolume, save_ct
+from pelmark.io.labels import save_labels
 from pelmark.io.landmarks import write_mrk_json
 from pelmark.manifest import Role, Subject, write_manifest
 
 NAMES = ("A", "B", "C", "D", "E")
+BONE_CLASSES = ("hemipelvis-l", "hemipelvis-r")
+# Two bone blocks of the bead CT's (40, 36, 32) grid, as index ranges [lo, hi) per axis: label 1, then 2.
+BONE_BLOCKS = (((6, 16), (12, 24), (10, 22)), ((24, 34), (12, 24), (10, 22)))
+BONE_HU = 700.0
 
 
 def bead_ct(seed: int, shape=(40, 36, 32), spacing=3.0) -> tuple[CTVolume, np.ndarray]:
@@ -30,8 +35,23 @@ def bead_ct(seed: int, shape=(40, 36, 32), spacing=3.0) -> tuple[CTVolume, np.nd
     return ct, beads @ affine[:3, :3].T + affine[:3, 3]
 
 
-def write_bead_cohort(root: Path, n_subjects: int = 3, synth: dict | None = None) -> Path:
-    """Write CTs, landmarks and a manifest (the last subject is novel_subject). Returns the manifest path."""
+def with_bones(ct: CTVolume) -> tuple[CTVolume, np.ndarray]:
+    """The CT with the two :data:`BONE_BLOCKS` at :data:`BONE_HU`, and its label volume (1 and 2 in the blocks)."""
+    hu = ct.hu.copy()
+    labels = np.zeros(ct.shape, dtype=np.uint8)
+    for value, block in enumerate(BONE_BLOCKS, start=1):
+        index = tuple(slice(lo, hi) for lo, hi in block)
+        hu[index] = np.maximum(hu[index], BONE_HU)
+        labels[index] = value
+    return CTVolume(hu=hu, affine_ras=ct.affine_ras), labels
+
+
+def write_bead_cohort(root: Path, n_subjects: int = 3, synth: dict | None = None, bones: bool = False) -> Path:
+    """Write CTs, landmarks and a manifest (the last subject is novel_subject). Returns the manifest path.
+
+    With ``bones``, each CT gets the two :data:`BONE_BLOCKS`, a ``seg/`` label volume and the
+    manifest the classes :data:`BONE_CLASSES`.
+    """
     subjects = []
     for i in range(n_subjects):
         ct, points = bead_ct(i)
@@ -39,24 +59,30 @@ def write_bead_cohort(root: Path, n_subjects: int = 3, synth: dict | None = None
         lm_path = root / "landmarks" / f"b{i}.mrk.json"
         ct_path.parent.mkdir(parents=True, exist_ok=True)
         lm_path.parent.mkdir(parents=True, exist_ok=True)
+        seg_path = None
+        if bones:
+            ct, labels = with_bones(ct)
+            seg_path = root / "seg" / f"b{i}.nii.gz"
+            seg_path.parent.mkdir(parents=True, exist_ok=True)
+            save_labels(labels, ct.affine_ras, seg_path)
         save_ct(ct, ct_path)
         write_mrk_json(lm_path, NAMES, points)
         role = Role.NOVEL_SUBJECT if i == n_subjects - 1 else Role.TRAIN
-        subjects.append(Subject(id=f"b{i}", ct=ct_path, landmarks=lm_path, role=role))
+        subjects.append(Subject(id=f"b{i}", ct=ct_path, landmarks=lm_path, role=role, segmentation=seg_path))
     settings = {"views": 4, "height": 48, "pixel_spacing": 4.0, "novel_views": 1, "rotation_range": 30.0,
                 "translation_range": 20.0, "threads": 1}
     settings.update(synth or {})
     manifest = root / "manifest.toml"
-    write_manifest(manifest, "beads", NAMES, subjects, synth=settings)
+    write_manifest(manifest, "beads", NAMES, subjects, synth=settings, classes=BONE_CLASSES if bones else ())
     return manifest
 
 
-def write_bead_store(root: Path) -> Path:
+def write_bead_store(root: Path, bones: bool = False) -> Path:
     """``root/store.zarr``: the default bead cohort synthesised (3 subjects, the last novel_subject, 4 views of 48²)."""
     from pelmark.synth.pipeline import run_synth
 
     out = root / "store.zarr"
-    run_synth(write_bead_cohort(root), out, {"scheduler": "sync"}, progress=False)
+    run_synth(write_bead_cohort(root, bones=bones), out, {"scheduler": "sync"}, progress=False)
     return out
 
 

@@ -4,6 +4,7 @@ Layout of ``out``::
 
     manifest.toml          [dataset] name = "phantom", the paper's landmarks, the subjects
     ct/s000.nii.gz         HU, float32, LPS identity direction
+    seg/s000.nii.gz        bone labels on the CT's grid, uint8 (classes: SEED003_CLASSES)
     landmarks/s000.mrk.json
     phantom.json           the settings and each subject's shape parameters
     preview.png            AP DRRs with the landmarks (unless preview=False)
@@ -27,13 +28,14 @@ import numpy as np
 from pelmark.errors import PelmarkError
 from pelmark.io.ct import CTVolume, save_ct
 from pelmark.io.landmarks import write_mrk_json, write_text_atomic
-from pelmark.landmark_sets import PAPER_LANDMARKS
+from pelmark.io.labels import save_labels
+from pelmark.landmark_sets import PAPER_LANDMARKS, SEED003_CLASSES
 from pelmark.manifest import Role, Subject, write_manifest
 from pelmark.seeding import numpy_generator
 from pelmark.synth.phantom.anatomy import Anatomy, build_anatomy
 from pelmark.synth.phantom.landmarks import landmarks_ras
 from pelmark.synth.phantom.shape import PelvisShape, sample_shape
-from pelmark.synth.phantom.voxelise import voxelise
+from pelmark.synth.phantom.voxelise import voxelise_labelled
 
 DATASET_NAME = "phantom"
 
@@ -100,6 +102,7 @@ class PhantomSubject:
         shape: its drawn shape parameters.
         anatomy: its skeleton.
         ct: its CT.
+        labels: (I, J, K) uint8 bone labels on the CT's grid (value k + 1 = ``SEED003_CLASSES[k]``).
         landmarks_ras: (L, 3) landmarks in the CT's scanner RAS, ordered as ``PAPER_LANDMARKS``.
     """
 
@@ -107,6 +110,7 @@ class PhantomSubject:
     shape: PelvisShape
     anatomy: Anatomy
     ct: CTVolume
+    labels: np.ndarray
     landmarks_ras: np.ndarray
 
 
@@ -115,7 +119,7 @@ def make_subject(settings: CohortSettings, index: int) -> PhantomSubject:
     shape = sample_shape(numpy_generator(settings.seed, "phantom", "shape", index))
     anatomy = build_anatomy(shape)
     points_ras = landmarks_ras(anatomy, PAPER_LANDMARKS)
-    ct = voxelise(
+    ct, labels = voxelise_labelled(
         anatomy,
         shape,
         settings.spacing_mm,
@@ -123,7 +127,7 @@ def make_subject(settings: CohortSettings, index: int) -> PhantomSubject:
         beads_ras=points_ras if settings.beads else None,
         bead_radius_vox=settings.bead_radius_vox,
     )
-    return PhantomSubject(subject_id(index), shape, anatomy, ct, points_ras)
+    return PhantomSubject(subject_id(index), shape, anatomy, ct, labels, points_ras)
 
 
 def write_cohort(out: Path, settings: CohortSettings) -> Path:
@@ -133,6 +137,7 @@ def write_cohort(out: Path, settings: CohortSettings) -> Path:
     try:
         (out / "ct").mkdir(parents=True, exist_ok=True)
         (out / "landmarks").mkdir(parents=True, exist_ok=True)
+        (out / "seg").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PelmarkError(f"cannot create the cohort folder ({exc.strerror})", out) from None
 
@@ -143,9 +148,11 @@ def write_cohort(out: Path, settings: CohortSettings) -> Path:
         sid, ct = subject.id, subject.ct
         role = Role.TRAIN if index < n_train else Role.NOVEL_SUBJECT
         ct_path, landmarks_path = out / "ct" / f"{sid}.nii.gz", out / "landmarks" / f"{sid}.mrk.json"
+        seg_path = out / "seg" / f"{sid}.nii.gz"
         save_ct(ct, ct_path)
+        save_labels(subject.labels, ct.affine_ras, seg_path)
         write_mrk_json(landmarks_path, PAPER_LANDMARKS, subject.landmarks_ras)
-        subjects.append(Subject(id=sid, ct=ct_path, landmarks=landmarks_path, role=role))
+        subjects.append(Subject(id=sid, ct=ct_path, landmarks=landmarks_path, role=role, segmentation=seg_path))
         shapes[sid] = dataclasses.asdict(subject.shape)
         if settings.preview:
             from pelmark.synth.phantom.preview import preview_camera, render_panel
@@ -154,7 +161,9 @@ def write_cohort(out: Path, settings: CohortSettings) -> Path:
             panels.append(render_panel(f"{sid} ({role.value})", ct, landmarks_world, preview_camera(ct)))
 
     manifest = out / "manifest.toml"
-    write_manifest(manifest, DATASET_NAME, PAPER_LANDMARKS, subjects, synth=settings.synth, train=settings.train)
+    write_manifest(
+        manifest, DATASET_NAME, PAPER_LANDMARKS, subjects, synth=settings.synth, train=settings.train, classes=SEED003_CLASSES
+    )
     record = {"settings": _jsonable(dataclasses.asdict(settings)), "subjects": shapes}
     write_text_atomic(out / "phantom.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
     if settings.preview:

@@ -1,7 +1,13 @@
-"""Turn a phantom's anatomy into a CT: body, bones with cortical shells, noise, optional beads.
+"""Turn a phantom's anatomy into a CT: body, bones with cortical shells, noise, optional beads; and its bone labels.
 
 The CT has ITK's identity LPS direction, so its RAS affine is
 ``diag(-s, -s, s)`` plus an origin, like most scanners' axial series.
+
+The label volume (same grid) gives each voxel whose centre lies inside a bone
+(signed distance < 0, where the CT's bone fraction passes one half) that bone's
+class of :data:`~pelmark.landmark_sets.SEED003_CLASSES`, as value ``k + 1``;
+0 elsewhere. The phantom's sacrum, coccyx included, is ``upper-sacrum``, and
+its L4 and L5 are ``vertebrae``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from pelmark.io.ct import CTVolume
+from pelmark.landmark_sets import SEED003_CLASSES
 from pelmark.synth.phantom.anatomy import Anatomy
 from pelmark.synth.phantom.sdf import bone_sdf_on_grid
 from pelmark.synth.phantom.shape import PelvisShape
@@ -24,6 +31,17 @@ HU_FLOOR = -1024.0
 FIELD_MARGIN_MM = 10.0  # air around the body
 ABOVE_MM = 15.0  # above the iliac crests and L5
 BELOW_MM = 40.0  # below the lesser trochanters
+
+# The class of each phantom bone, by name (see the module docstring).
+BONE_CLASSES = {
+    "hip-l": "hemipelvis-l",
+    "hip-r": "hemipelvis-r",
+    "femur-l": "femur-l",
+    "femur-r": "femur-r",
+    "L4": "vertebrae",
+    "L5": "vertebrae",
+    "sacrum": "upper-sacrum",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +136,21 @@ def _soft_tissue(body: BodyOutline, affine: np.ndarray, shape: tuple[int, int, i
     return hu
 
 
-def _add_bones(hu: np.ndarray, anatomy: Anatomy, affine: np.ndarray, shape: PelvisShape, spacing_mm: float) -> None:
+def _add_bones(
+    hu: np.ndarray, labels: np.ndarray, anatomy: Anatomy, affine: np.ndarray, shape: PelvisShape, spacing_mm: float
+) -> None:
+    """Add the bones to ``hu`` and their classes to ``labels`` (a voxel inside two bones takes the deeper one)."""
     index_to_anatomy = np.linalg.inv(anatomy.anatomy_to_ras) @ affine
+    depth = np.zeros(hu.shape, dtype=np.float32)  # how far inside its labelled bone each voxel lies (mm)
     for bone in anatomy.bones:
         result = bone_sdf_on_grid(bone, index_to_anatomy, hu.shape, bone.far_mm(spacing_mm))
         if result is None:
             continue
         block, d = result
+        value = SEED003_CLASSES.index(BONE_CLASSES[bone.name]) + 1
+        inside = (d < 0.0) & (-d > depth[block])
+        labels[block] = np.where(inside, np.uint8(value), labels[block])
+        depth[block] = np.where(inside, -d, depth[block])
         # Linear partial volume over one voxel, for the bone and for its cancellous core.
         bone_fraction = np.clip(0.5 - d / spacing_mm, 0.0, 1.0)
         core_fraction = np.clip(0.5 - (d + bone.cortical_mm) / spacing_mm, 0.0, 1.0)
@@ -159,7 +185,19 @@ def voxelise(
     beads_ras: np.ndarray | None = None,
     bead_radius_vox: float = 1.5,
 ) -> CTVolume:
-    """The subject's CT in HU.
+    """The subject's CT in HU (:func:`voxelise_labelled` without the labels)."""
+    return voxelise_labelled(anatomy, shape, spacing_mm, noise, beads_ras, bead_radius_vox)[0]
+
+
+def voxelise_labelled(
+    anatomy: Anatomy,
+    shape: PelvisShape,
+    spacing_mm: float,
+    noise: np.random.Generator,
+    beads_ras: np.ndarray | None = None,
+    bead_radius_vox: float = 1.5,
+) -> tuple[CTVolume, np.ndarray]:
+    """The subject's CT in HU and its bone label volume.
 
     Args:
         anatomy: the skeleton and its placement.
@@ -170,15 +208,17 @@ def voxelise(
         bead_radius_vox: bead radius in voxels.
 
     Returns:
-        The CT, HU rounded to integers and stored as float32.
+        The CT, HU rounded to integers and stored as float32, and the (I, J, K) uint8 labels on its
+        grid (see the module docstring).
     """
     body = body_outline(anatomy, shape)
     affine, grid_shape = ct_grid(anatomy, body, spacing_mm)
     hu = _soft_tissue(body, affine, grid_shape)
-    _add_bones(hu, anatomy, affine, shape, spacing_mm)
+    labels = np.zeros(grid_shape, dtype=np.uint8)
+    _add_bones(hu, labels, anatomy, affine, shape, spacing_mm)
     if beads_ras is not None:
         _add_beads(hu, affine, beads_ras, bead_radius_vox)
     hu += np.float32(shape.noise_hu) * noise.standard_normal(grid_shape, dtype=np.float32)
     np.rint(hu, out=hu)
     np.maximum(hu, np.float32(HU_FLOOR), out=hu)
-    return CTVolume(hu=hu, affine_ras=affine)
+    return CTVolume(hu=hu, affine_ras=affine), labels
