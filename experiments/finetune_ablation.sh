@@ -15,6 +15,7 @@ pelmark=${PELMARK:-.venv/bin/pelmark}
 variants=(
   "ft-paper|--soft-argmax global --pose-loss paper"
   "ft-local-reproj|--soft-argmax local --pose-loss reprojection"
+  "ft-global-reproj|--soft-argmax global --pose-loss reprojection"
   "ft-combined|--soft-argmax local --pose-loss reprojection --bce-weight 1 --pel-weight 0.1"
   "ft-bce-control|--bce-weight 1 --pel-weight 0"
 )

@@ -243,7 +243,7 @@ def train(
     ),
     soft_argmax: Optional[str] = typer.Option(
         None,
-        show_default="global; finetune local",
+        show_default="global",
         help="Points PEL registers: global (paper eqs. 1-2) or local (a window around the argmax).",
     ),
     soft_argmax_radius: Optional[int] = typer.Option(None, show_default="3", help="Window radius of --soft-argmax local, model px."),

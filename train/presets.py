@@ -5,10 +5,11 @@ defaults: 512² input, ResNet34 U-Net of depth 5, Adam 1e-4, 28 epochs, one
 fine-tune epoch). ``demo`` is sized for ``make demo`` on a 2-core CPU: the
 demo store's 128² DRRs at full resolution, a ResNet18 U-Net of depth 4 with a
 decoder of half smp's width (its full-resolution blocks cost most of a step),
-a larger learning rate, a BCE weight on the mask pixels, and the spatial-softmax
-cross-entropy beside BCE, so that the few hundred steps a CPU affords are
-enough to learn the landmarks. The README's ablation gives the figure of each
-choice.
+a larger learning rate with a short warm-up and a cosine decay, a BCE weight
+on the mask pixels, and the spatial-softmax cross-entropy beside BCE, so that
+the few hundred steps a CPU affords are enough to learn the landmarks. The
+fine-tune keeps a constant 1e-4 for its one epoch. The README's ablation gives
+the figure of each choice (the cosine decay alone: -25 % on novel subjects).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "decoder_channels": [128, 64, 32, 16],
         "batch_size": 8,
         "lr": 1e-3,
+        "schedule": "cosine",
+        "warmup_steps": 50,
         "pos_weight": 10.0,
         "disk_radius_px": 3.0,
         "softmax_weight": 1.0,
-        "epochs": 8,
+        "epochs": 10,
         "workers": 1,
-        "finetune": {"epochs": 1, "lr": 1e-4},
+        "finetune": {"epochs": 1, "lr": 1e-4, "schedule": "constant", "warmup_steps": 0},
     },
     "paper": {},
 }

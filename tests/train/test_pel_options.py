@@ -201,11 +201,11 @@ def test_spatial_softmax_loss_by_hand():
     assert float(nothing) == 0.0 and float(flat.grad.abs().sum()) == 0.0
 
 
-def test_finetune_defaults_to_the_local_window_and_the_reprojection_loss():
+def test_finetune_defaults_to_the_global_soft_argmax_and_the_reprojection_loss():
     from pelmark.registration import PoseLoss
 
     config = resolve_config("finetune")
-    assert (config.soft_argmax, config.pose_loss) == (SoftArgmax.LOCAL, PoseLoss.REPROJECTION)
+    assert (config.soft_argmax, config.pose_loss) == (SoftArgmax.GLOBAL, PoseLoss.REPROJECTION)
     paper = resolve_config("finetune", {"soft_argmax": "global", "pose_loss": "paper"})
     assert (paper.soft_argmax, paper.pose_loss) == (SoftArgmax.GLOBAL, PoseLoss.PAPER)
     assert resolve_config("composite").soft_argmax is SoftArgmax.GLOBAL
