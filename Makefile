@@ -21,7 +21,10 @@ TRAIN_ARGS ?=
 EVAL_OUT ?= $(OUT)/eval
 EVAL_ARGS ?=
 # Runs that `make eval` compares, in table order (those that exist).
-EVAL_STRATEGIES ?= baseline composite pel-only finetune
+EVAL_STRATEGIES ?= baseline composite pel-only finetune seg-informed
+# What `make demo` trains and evaluates: the baseline and its fine-tune, and seg-informed when EVAL_STRATEGIES names it.
+# (The default EVAL_STRATEGIES, defined in this file, leaves it out, so the default demo stays as it was.)
+DEMO_STRATEGIES = baseline finetune $(if $(filter file,$(origin EVAL_STRATEGIES)),,$(filter seg-informed,$(EVAL_STRATEGIES)))
 EVAL_RUNS = $(foreach s,$(EVAL_STRATEGIES),$(if $(wildcard $(RUNS)/$(s)/run.json),$(RUNS)/$(s)))
 # Training settings come from MANIFEST's [train] table ([train.<strategy>] overrides it), then TRAIN_ARGS.
 TRAIN = $(PELMARK) train $(1) $(STORE) --out $(RUNS)/$(1) --config $(MANIFEST) --auto-resume $(TRAIN_ARGS)
@@ -29,7 +32,7 @@ TRAIN = $(PELMARK) train $(1) $(STORE) --out $(RUNS)/$(1) --config $(MANIFEST) -
 MANIFEST_DEP := $(if $(filter $(PHANTOM_DIR)/manifest.toml,$(MANIFEST)),$(PHANTOM_DIR)/manifest.toml)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo phantom synth preview train-baseline train-composite train-pel-only train-finetune eval paper bench test test-fast clean
+.PHONY: help install demo phantom synth preview train-baseline train-composite train-pel-only train-finetune train-seg-informed eval paper bench test test-fast clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,7 +50,8 @@ demo: $(STAMP) ## Everything on the built-in phantom cohort: CTs, DRRs, baseline
 	$(MAKE) --no-print-directory synth preview; t1=$$(date +%s); \
 	$(MAKE) --no-print-directory train-baseline; t2=$$(date +%s); \
 	$(MAKE) --no-print-directory train-finetune; t3=$$(date +%s); \
-	$(MAKE) --no-print-directory eval EVAL_STRATEGIES="baseline finetune" EVAL_ARGS="--refine $(EVAL_ARGS)"; t4=$$(date +%s); \
+	$(if $(filter seg-informed,$(DEMO_STRATEGIES)),$(MAKE) --no-print-directory train-seg-informed;) t3=$$(date +%s); \
+	$(MAKE) --no-print-directory eval EVAL_STRATEGIES="$(DEMO_STRATEGIES)" EVAL_ARGS="--refine $(EVAL_ARGS)"; t4=$$(date +%s); \
 	echo "cohort: $(PHANTOM_DIR)  store: $(STORE)  runs: $(RUNS)  results: $(EVAL_OUT) (table1.csv, figures)"; \
 	echo "stage seconds: phantom+synth+preview $$((t1-t0)), baseline $$((t2-t1)), finetune $$((t3-t2)), eval $$((t4-t3)), total $$((t4-t0))" \
 	  | tee $(OUT)/demo_timing.txt
@@ -74,6 +78,9 @@ train-pel-only: synth ## PEL alone from random weights -> RUNS/pel-only
 
 train-finetune: train-baseline ## Fine-tune the baseline with PEL alone -> RUNS/finetune
 	$(call TRAIN,finetune) --init $(RUNS)/baseline
+
+train-seg-informed: synth ## Heatmaps + bone segmentation with visibility (seed 003; needs a cohort with [dataset] classes) -> RUNS/seg-informed
+	$(call TRAIN,seg-informed)
 
 eval: $(STAMP) ## Table 1 (CSV), per-image errors, pose metrics and figures of the runs in RUNS -> EVAL_OUT
 	@test -n "$(strip $(EVAL_RUNS))" || { echo "make eval: no runs in $(RUNS); train one first (make train-baseline)" >&2; exit 1; }

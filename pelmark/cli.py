@@ -212,7 +212,7 @@ def synth_preview(
 @app.command()
 @reports_errors
 def train(
-    strategy: str = typer.Argument(..., help="baseline, composite, pel-only or finetune."),
+    strategy: str = typer.Argument(..., help="baseline, composite, pel-only, finetune or seg-informed."),
     store: Path = typer.Argument(..., help="The Zarr store written by pelmark synth."),
     out: Path = typer.Option(..., "--out", help="The run folder (checkpoints, metrics, run.json)."),
     config: Optional[Path] = typer.Option(
@@ -268,7 +268,7 @@ def train(
         False, "--allow-incomplete", help="Train on a store whose synth was interrupted (its finished subjects only)."
     ),
 ) -> None:
-    """Train a landmark heatmap model from a synth store with one of the paper's four strategies.
+    """Train a landmark heatmap model from a synth store with one of the paper's four strategies, or seg-informed.
 
     Settings left out take --config's [train.<strategy>] value, then its [train] value, else the default shown.
     """

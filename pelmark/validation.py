@@ -110,6 +110,9 @@ class TrainTable(_Strict):
     pel_weight: Optional[NonNegativeFloat] = None
     bce_weight: Optional[NonNegativeFloat] = None
     softmax_weight: Optional[NonNegativeFloat] = None
+    seg_weight: Optional[NonNegativeFloat] = None
+    kl_weight: Optional[NonNegativeFloat] = None
+    visibility_weight: Optional[NonNegativeFloat] = None
     soft_argmax: Optional[_choices(SoftArgmax)] = None
     soft_argmax_radius: Optional[Count] = None
     pose_loss: Optional[_choices(PoseLoss)] = None

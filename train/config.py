@@ -21,12 +21,13 @@ from pelmark.train.data import TargetKind
 
 
 class Strategy(str, enum.Enum):
-    """The paper's four training strategies (Fig. 3)."""
+    """The paper's four training strategies (Fig. 3), and the segmentation-informed model of seed 003."""
 
     BASELINE = "baseline"  # U-Net with BCE on the landmark masks
     COMPOSITE = "composite"  # BCE + λ·PEL, from random weights (paper eq. 9)
     PEL_ONLY = "pel-only"  # PEL alone, from random weights
     FINETUNE = "finetune"  # PEL alone, from a baseline checkpoint (--init)
+    SEG_INFORMED = "seg-informed"  # heatmaps + bone segmentation, Dice + CE, KL and visibility losses (seed 003)
 
     @property
     def uses_segmentation(self) -> bool:
@@ -34,7 +35,7 @@ class Strategy(str, enum.Enum):
 
     @property
     def uses_pel(self) -> bool:
-        return self is not Strategy.BASELINE
+        return self not in (Strategy.BASELINE, Strategy.SEG_INFORMED)
 
 
 class Schedule(str, enum.Enum):
@@ -68,6 +69,8 @@ STRATEGY_DEFAULTS: dict[Strategy, dict[str, Any]] = {
     Strategy.COMPOSITE: {"epochs": 28},
     Strategy.PEL_ONLY: {"epochs": 28},
     Strategy.FINETUNE: {"epochs": 1, "soft_argmax": "global", "pose_loss": "reprojection"},
+    # Seed 003 regresses Gaussian heatmaps (KL on their softmax); gaussian_sigma_px sets their width.
+    Strategy.SEG_INFORMED: {"epochs": 28, "target": "gaussian"},
 }
 
 
@@ -101,6 +104,9 @@ class TrainConfig:
         softmax_weight: weight of the spatial-softmax cross-entropy of the heatmaps against their
             targets (:func:`~pelmark.train.losses.spatial_softmax_loss`), added wherever BCE is used
             (0 = the paper's BCE alone).
+        seg_weight, kl_weight, visibility_weight: seg-informed's loss weights (seed 003: 1, 0.1, 10), of
+            Dice + cross-entropy, the heatmaps' KL divergence and the visibility loss
+            (:mod:`pelmark.train.seg_informed`).
         soft_argmax, soft_argmax_radius: the points PEL registers: ``global`` (paper eqs. 1-2)
             or ``local`` (a window of this radius, in model px, around the hard argmax).
         pose_loss: paper (eq. 10), geodesic, mtre or reprojection (see :mod:`pelmark.registration.losses`).
@@ -139,6 +145,9 @@ class TrainConfig:
     pel_weight: float = 1.0
     bce_weight: float | None = None
     softmax_weight: float = 0.0
+    seg_weight: float = 1.0
+    kl_weight: float = 0.1
+    visibility_weight: float = 10.0
     soft_argmax: SoftArgmax = SoftArgmax.GLOBAL
     soft_argmax_radius: int = 3
     pose_loss: PoseLoss = PoseLoss.PAPER
@@ -172,6 +181,8 @@ class TrainConfig:
             problems.append("need lr > 0, temperature > 0 and pel_weight >= 0")
         if (self.bce_weight is not None and self.bce_weight < 0) or self.softmax_weight < 0:
             problems.append("bce_weight and softmax_weight must not be negative")
+        if min(self.seg_weight, self.kl_weight, self.visibility_weight) < 0:
+            problems.append("seg_weight, kl_weight and visibility_weight must not be negative")
         if self.soft_argmax_radius < 1:
             problems.append("soft_argmax_radius must be at least 1")
         if self.warmup_steps < 0:

@@ -91,6 +91,9 @@ class DataSettings:
     noise_std: float = 0.02
     seed: int = 42
     targets: bool = True
+    # Also read each image's bone label map (the store's ``segmentation``), cropped like the image and
+    # resized by nearest neighbour: ``segmentation`` in a sample (for the seg-informed strategy).
+    segmentation: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -330,4 +333,19 @@ class StoreDataset(Dataset):
             "landmarks_3d": torch.from_numpy(np.asarray(group["landmarks_3d"][row], dtype=np.float32)),
             "intrinsics": intrinsics_tensor(camera),
             "index": row,
+            "segmentation": self._labels(group, row, crop) if self.settings.segmentation else torch.zeros(0),
         }
+
+    def _labels(self, group, row: int, crop: CropParams) -> Tensor:
+        """(S, S) int64 bone labels of store ``row`` under ``crop``, resized by nearest neighbour at pixel centres.
+
+        ``nearest-exact`` takes the source pixel whose centre is closest to each output pixel's centre,
+        the pixel-edge-to-pixel-edge convention of :func:`resize_image`.
+        """
+        if "segmentation" not in group:
+            raise PelmarkError("store has no bone labels ('segmentation'); synthesise it from a manifest with [dataset] classes", self.store_path)
+        labels = torch.from_numpy(np.asarray(group["segmentation"][row], dtype=np.uint8))
+        labels = labels[crop.top : crop.top + crop.height, crop.left : crop.left + crop.width]
+        size = self.settings.size
+        resized = F.interpolate(labels[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0]
+        return resized.to(torch.int64)

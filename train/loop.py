@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from pelmark.devices import resolve_device
 from pelmark.errors import PelmarkError
 from pelmark.io.outputs import refuse_inputs
+from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.seeding import numpy_generator
 from pelmark.synth.poses import Split
 from pelmark.synth.store import check_complete, git_revision, now_utc, open_store, package_versions
@@ -63,10 +64,12 @@ from pelmark.train.data import CropParams, DataSettings, StoreDataset
 from pelmark.train.losses import pel_term, segmentation_loss, spatial_softmax_loss
 from pelmark.train.metrics import landmark_rmse, mean_rmse
 from pelmark.train.model import ModelSpec, build_model, hard_argmax
+from pelmark.train.seg_informed import seg_informed_loss
 
 STEP_FIELDS = (
     "step", "epoch", "loss", "seg_loss", "softmax_loss", "pel_loss", "pel_used", "pel_rot_deg", "pel_trans_mm",
     "soft_hard_px", "peak_logit", "mass_5px", "pel_logit_grad_norm", "lr", "images_per_s",
+    "dice_loss", "ce_loss", "kl_loss", "vis_loss",
 )  # fmt: skip
 EPOCH_FIELDS = ("epoch", "step", "train_loss", "val_rmse_px", "seconds")
 
@@ -205,6 +208,10 @@ class Trainer:
         attrs = dict(group.attrs)
         self.landmark_names = tuple(attrs.get("landmark_names", ()))
         self.store_fingerprint = attrs.get("fingerprint")
+        seg_informed = config.strategy is Strategy.SEG_INFORMED
+        self.classes = tuple(attrs.get("classes", ())) if seg_informed else ()
+        if seg_informed and not self.classes:
+            raise PelmarkError("seg-informed trains on bone labels, which this store has not: synthesise it from a manifest with [dataset] classes and segmentations", store)
         data = DataSettings(
             size=config.size,
             target=config.target,
@@ -212,6 +219,7 @@ class Trainer:
             gaussian_sigma_px=config.gaussian_sigma_px,
             splits=(Split.TRAIN,),
             seed=config.seed,
+            segmentation=seg_informed,
         )
         rows = StoreDataset(store, data).rows
         train_rows, val_rows = split_validation(rows, config.val_fraction, config.seed)
@@ -235,7 +243,10 @@ class Trainer:
             encoder_depth=config.encoder_depth,
             encoder_weights=config.encoder_weights,
             decoder_channels=config.decoder_channels,
+            segmentation_classes=self.classes,
         )
+        # Which label values are each landmark's bones (seg-informed's visibility loss).
+        self.landmark_bones = torch.tensor(landmark_bone_matrix(self.landmark_names, self.classes)) if self.classes else None
         self.model = build_model(self.spec).to(dist.device)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -353,6 +364,18 @@ class Trainer:
                 spatial = spatial_softmax_loss(logits, targets, batch["visible"])
                 loss = loss + config.bce * config.softmax_weight * spatial
                 row["softmax_loss"] = float(spatial.detach())
+        if self.landmark_bones is not None:
+            terms = seg_informed_loss(
+                logits,
+                batch["segmentation"],
+                batch["landmarks_px"],
+                batch["visible"],
+                self.landmark_bones,
+                config.gaussian_sigma_px,
+                (config.seg_weight, config.kl_weight, config.visibility_weight),
+            )
+            loss = loss + terms.loss
+            row.update(terms.log)
         if config.pel > 0:
             term = pel_term(
                 logits,
@@ -440,7 +463,7 @@ class Trainer:
         for batch in self._batches(self.val_set, batches):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda"):
                 logits = self.model(batch["image"].to(self.dist.device))
-            predicted.append(hard_argmax(logits.float()).cpu().numpy())
+            predicted.append(hard_argmax(logits.float()[:, : len(self.landmark_names)]).cpu().numpy())
             true.append(batch["landmarks_px"].numpy())
             visible.append(batch["visible"].numpy())
         return mean_rmse(landmark_rmse(np.concatenate(predicted), np.concatenate(true), np.concatenate(visible)))

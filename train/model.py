@@ -43,6 +43,9 @@ class ModelSpec:
         encoder_depth: number of encoder stages, 3 to 5 (the paper uses 5).
         in_channels: image channels (1 for X-ray).
         encoder_weights: optional local file with the encoder's state dict.
+        segmentation_classes: the bone classes of a segmentation-informed model (seed 003; see
+            :mod:`pelmark.train.seg_informed`): a second decoder outputs their C + 1 logits
+            (background first) after the landmark heatmaps. () for the plain heatmap U-Net.
         decoder_channels: widths of the decoder's blocks from the deepest up, at least one per
             encoder stage; a shallower encoder uses the first ``encoder_depth`` of them, as with
             smp's defaults (None = 256, 128, 64, 32, 16). The decoder's full-resolution
@@ -56,8 +59,10 @@ class ModelSpec:
     in_channels: int = 1
     encoder_weights: str | None = None
     decoder_channels: tuple[int, ...] | None = None
+    segmentation_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "segmentation_classes", tuple(str(c) for c in self.segmentation_classes))
         if self.decoder_channels is not None:
             object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
             if len(self.decoder_channels) < self.encoder_depth or min(self.decoder_channels) < 1:
@@ -78,7 +83,13 @@ class ModelSpec:
         values = dataclasses.asdict(self)
         if self.decoder_channels is not None:
             values["decoder_channels"] = list(self.decoder_channels)
+        values["segmentation_classes"] = list(self.segmentation_classes)
         return values
+
+    @property
+    def output_channels(self) -> int:
+        """Landmark heatmaps, then (for a segmentation-informed model) background and each bone class."""
+        return self.classes + (len(self.segmentation_classes) + 1 if self.segmentation_classes else 0)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelSpec":
@@ -87,24 +98,33 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """A U-Net with random weights (plus the local encoder weights, if any)."""
+    """A U-Net with random weights (plus the local encoder weights, if any); with ``segmentation_classes``,
+    the two-decoder :class:`~pelmark.train.seg_informed.SegInformedNet`."""
+    model = _unet(spec, spec.classes)
+    if spec.segmentation_classes:
+        from pelmark.train.seg_informed import SegInformedNet
+
+        model = SegInformedNet(model, _unet(spec, len(spec.segmentation_classes) + 1))
+    if spec.encoder_weights:
+        load_encoder_weights(model, Path(spec.encoder_weights))
+    freeze_unused(model, spec)
+    return model
+
+
+def _unet(spec: ModelSpec, outputs: int) -> nn.Module:
     import segmentation_models_pytorch as smp
 
     try:
-        model = smp.Unet(
+        return smp.Unet(
             encoder_name=spec.encoder,
             encoder_depth=spec.encoder_depth,
             encoder_weights=None,
             decoder_channels=spec.decoder_widths,
             in_channels=spec.in_channels,
-            classes=spec.classes,
+            classes=outputs,
         )
-    except (KeyError, ValueError) as error:
+    except (KeyError, ValueError, RuntimeError) as error:
         raise PelmarkError(f"cannot build a U-Net with encoder '{spec.encoder}': {error}") from None
-    if spec.encoder_weights:
-        load_encoder_weights(model, Path(spec.encoder_weights))
-    freeze_unused(model, spec)
-    return model
 
 
 def freeze_unused(model: nn.Module, spec: ModelSpec) -> None:

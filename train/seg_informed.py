@@ -1,0 +1,212 @@
+"""The segmentation-informed landmark model of seed 003 (Hresko & Drotar): network, losses and visibility.
+
+Network
+    One encoder (any smp encoder: ``resnet18``... or timm's HRNet as
+    ``tu-hrnet_w18``, the paper's, random weights, offline) feeds two U-Net
+    decoders: one ends in the L landmark heatmaps, the other in C + 1
+    segmentation logits (background and the cohort's C bone classes). The
+    forward pass returns both as one (B, L + C + 1, H, W) tensor, heatmaps
+    first (:func:`split_outputs`), so that the training loop, DDP and
+    evaluation pass one tensor around as for the plain U-Net.
+Losses (seed 003, section 2.2), weights ``seg_weight`` 1, ``kl_weight`` 0.1, ``visibility_weight`` 10
+    * Dice + cross-entropy of the segmentation (:func:`dice_ce_loss`).
+    * KL divergence between each visible landmark's heatmap softmax and its
+      Gaussian target normalised to sum 1 (:func:`kl_heatmap_loss`).
+    * The visibility loss (:func:`visibility_loss`): a weighted mean absolute
+      error between the predicted visibility v̂ and the truth v ∈ {0, 1}, with
+      weight 2 where v = 0 (false positives cost double).
+Visibility
+    The paper's v̂ is 0 for a landmark the model does not find, 0.5 for one
+    found outside its bone's predicted region and 1 inside it. A landmark is
+    found when the sigmoid of its heatmap's peak reaches 0.5 (the paper reads
+    landmarks as ``argmax sigmoid(H)``), and it is inside when the predicted
+    class at its argmax pixel is one of its bones (``LANDMARK_BONES`` of
+    :mod:`pelmark.landmark_sets`). That v̂ is a step function, with no gradient,
+    so training uses its smooth counterpart
+    ``v̂ = p · (1 + q) / 2``, ``p = sigmoid(max H)`` and ``q`` the softmax(H)-weighted
+    probability that the segmentation puts on the landmark's bones; it equals
+    the discrete v̂ when p, q ∈ {0, 1}. The predicted visibility that evaluation
+    reports is the discrete one: a landmark with v̂ = 0 is reported absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# The paper's loss weights (seed 003, section 2.4).
+SEG_WEIGHT = 1.0
+KL_WEIGHT = 0.1
+VISIBILITY_WEIGHT = 10.0
+# Weight of a landmark that is not in the image, in the visibility loss (the paper's false-positive weight).
+ABSENT_WEIGHT = 2.0
+# A landmark is present when the sigmoid of its heatmap's peak reaches this (as evaluate.predict's "found").
+PRESENT_PROBABILITY = 0.5
+
+
+class SegInformedNet(nn.Module):
+    """A shared encoder with a landmark decoder and a segmentation decoder (see the module docstring).
+
+    Args:
+        landmark_net: an smp U-Net with one output per landmark; its encoder is the shared one.
+        segmentation_net: an smp U-Net of the same encoder with C + 1 outputs; only its decoder and
+            head are kept.
+    """
+
+    def __init__(self, landmark_net: nn.Module, segmentation_net: nn.Module):
+        super().__init__()
+        self.encoder = landmark_net.encoder
+        self.decoder = landmark_net.decoder
+        self.segmentation_head = landmark_net.segmentation_head
+        self.seg_decoder = segmentation_net.decoder
+        self.seg_head = segmentation_net.segmentation_head
+        self._check_input_shape = landmark_net.check_input_shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_shape(x)
+        features = self.encoder(x)
+        heatmaps = self.segmentation_head(self.decoder(features))
+        segmentation = self.seg_head(self.seg_decoder(features))
+        return torch.cat([heatmaps, segmentation], dim=1)
+
+
+def split_outputs(outputs: Tensor, n_landmarks: int) -> tuple[Tensor, Tensor | None]:
+    """(heatmap logits (B, L, H, W), segmentation logits (B, C + 1, H, W) or None for a plain heatmap model)."""
+    if outputs.shape[1] == n_landmarks:
+        return outputs, None
+    return outputs[:, :n_landmarks], outputs[:, n_landmarks:]
+
+
+# ---------------------------------------------------------------- targets
+
+
+def gaussian_targets(landmarks_px: Tensor, visible: Tensor, height: int, width: int, sigma_px: float) -> Tensor:
+    """(B, L, H, W) exp(-d²/2σ²) at each pixel centre, zero for invisible landmarks (on the landmarks' device)."""
+    rows = torch.arange(height, dtype=torch.float32, device=landmarks_px.device)
+    cols = torch.arange(width, dtype=torch.float32, device=landmarks_px.device)
+    points = torch.nan_to_num(landmarks_px.float())
+    dy = (rows[None, None, :] - points[..., 1, None]).square()  # (B, L, H)
+    dx = (cols[None, None, :] - points[..., 0, None]).square()  # (B, L, W)
+    maps = torch.exp(-(dy[..., :, None] + dx[..., None, :]) / (2.0 * sigma_px**2))
+    return maps * visible.to(maps.device, maps.dtype)[..., None, None]
+
+
+# ---------------------------------------------------------------- losses
+
+
+def dice_ce_loss(seg_logits: Tensor, labels: Tensor, smooth: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(soft Dice loss, cross-entropy) of (B, K, H, W) logits against (B, H, W) class values 0..K-1.
+
+    Dice is computed per class over the whole batch, background included,
+    ``d_k = (2 Σ p_k y_k + s) / (Σ p_k + Σ y_k + s)`` with ``p = softmax(logits)``, and the
+    loss is ``1 - mean_k d_k``; a class absent from both target and prediction has ``d_k`` = 1.
+    The cross-entropy is the mean over pixels.
+    """
+    logits = seg_logits.float()
+    target = labels.to(logits.device, torch.long)
+    probabilities = torch.softmax(logits, dim=1)
+    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probabilities.dtype)
+    intersection = (probabilities * one_hot).sum(dim=(0, 2, 3))
+    total = probabilities.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
+    dice = (2.0 * intersection + smooth) / (total + smooth)
+    return 1.0 - dice.mean(), F.cross_entropy(logits, target)
+
+
+def kl_heatmap_loss(heatmap_logits: Tensor, targets: Tensor, visible: Tensor) -> Tensor:
+    """KL(target ‖ softmax(heatmap)) per visible landmark, summed over pixels, averaged over the visible landmarks.
+
+    The target is normalised to sum 1. Landmarks not visible (or with an empty target) weigh 0;
+    with none, the loss is 0 with a zero gradient.
+    """
+    batch, landmarks = heatmap_logits.shape[:2]
+    log_p = torch.log_softmax(heatmap_logits.float().reshape(batch, landmarks, -1), dim=-1)
+    target = targets.float().to(log_p.device).reshape(batch, landmarks, -1)
+    mass = target.sum(-1)
+    use = visible.to(log_p.device, torch.bool) & (mass > 0)
+    if not bool(use.any()):
+        return heatmap_logits.sum() * 0.0
+    q = target[use] / mass[use][:, None]
+    return (torch.xlogy(q, q) - q * log_p[use]).sum(-1).mean()
+
+
+def bone_probability(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
+    """(B, L): the softmax(heatmap)-weighted probability that the segmentation gives each landmark's bones.
+
+    Args:
+        heatmap_logits: (B, L, H, W).
+        seg_logits: (B, K, H, W), K = C + 1 classes (0 = background).
+        bones: (L, K) bool, ``bones[l, k]``: class value k is a bone of landmark l.
+    """
+    batch, landmarks, height, width = heatmap_logits.shape
+    where = torch.softmax(heatmap_logits.float().reshape(batch, landmarks, -1), dim=-1)
+    classes = torch.softmax(seg_logits.float(), dim=1).reshape(batch, seg_logits.shape[1], -1)
+    on_bone = torch.einsum("lk,bkp->blp", bones.to(classes.device, classes.dtype), classes)  # (B, L, P)
+    return (where * on_bone).sum(-1)
+
+
+def soft_visibility(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
+    """(B, L) smooth predicted visibility ``p (1 + q) / 2`` (see the module docstring)."""
+    present = torch.sigmoid(heatmap_logits.float().flatten(2).amax(-1))
+    return present * (1.0 + bone_probability(heatmap_logits, seg_logits, bones)) / 2.0
+
+
+def visibility_loss(predicted: Tensor, visible: Tensor, absent_weight: float = ABSENT_WEIGHT) -> Tensor:
+    """Seed 003's weighted MAE: mean over images and landmarks of ``w |v̂ - v|``, w = ``absent_weight`` where v = 0."""
+    truth = visible.to(predicted.device, predicted.dtype)
+    weight = torch.where(truth > 0, 1.0, absent_weight).to(predicted.dtype)
+    return (weight * (predicted - truth).abs()).mean()
+
+
+@torch.no_grad()
+def discrete_visibility(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
+    """(B, L) the paper's v̂ ∈ {0, 0.5, 1}: 0 not present, 0.5 at a pixel not of its bones, 1 on one of them."""
+    batch, landmarks, height, width = heatmap_logits.shape
+    flat = heatmap_logits.float().reshape(batch, landmarks, -1)
+    peak, where = flat.max(dim=-1)
+    present = torch.sigmoid(peak) >= PRESENT_PROBABILITY
+    classes = seg_logits.argmax(dim=1).reshape(batch, -1)  # (B, P)
+    class_at = classes.gather(1, where)  # (B, L)
+    on_bone = bones.to(heatmap_logits.device)[torch.arange(landmarks, device=heatmap_logits.device)[None], class_at]
+    return torch.where(present, torch.where(on_bone, 1.0, 0.5), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegInformedTerms:
+    """The seg-informed loss of one batch and its parts, for the training log."""
+
+    loss: Tensor
+    log: dict[str, float]
+
+
+def seg_informed_loss(
+    outputs: Tensor,
+    labels: Tensor,
+    landmarks_px: Tensor,
+    visible: Tensor,
+    bones: Tensor,
+    sigma_px: float,
+    weights: tuple[float, float, float] = (SEG_WEIGHT, KL_WEIGHT, VISIBILITY_WEIGHT),
+) -> SegInformedTerms:
+    """``w_seg (Dice + CE) + w_KL KL + w_vis L_vis`` on the model's outputs (see the module docstring).
+
+    Args:
+        outputs: (B, L + K, H, W) the network's output.
+        labels: (B, H, W) true class values at model resolution.
+        landmarks_px: (B, L, 2) true landmarks at model resolution; visible: (B, L) bool.
+        bones: (L, K) bool landmark-to-bone map.
+        sigma_px: the Gaussian target's sigma.
+        weights: (w_seg, w_KL, w_vis).
+    """
+    n_landmarks = bones.shape[0]
+    heatmaps, seg_logits = split_outputs(outputs.float(), n_landmarks)
+    height, width = heatmaps.shape[-2:]
+    dice, ce = dice_ce_loss(seg_logits, labels)
+    kl = kl_heatmap_loss(heatmaps, gaussian_targets(landmarks_px.to(heatmaps.device), visible, height, width, sigma_px), visible)
+    vis = visibility_loss(soft_visibility(heatmaps, seg_logits, bones), visible)
+    w_seg, w_kl, w_vis = weights
+    loss = w_seg * (dice + ce) + w_kl * kl + w_vis * vis
+    log = {"dice_loss": float(dice.detach()), "ce_loss": float(ce.detach()), "kl_loss": float(kl.detach()), "vis_loss": float(vis.detach())}
+    return SegInformedTerms(loss, log)
