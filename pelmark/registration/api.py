@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -16,6 +17,7 @@ from pelmark.registration.lm import solve_lm
 from pelmark.registration.objective import chart_jacobian, linearise, normal_equations, rms_residual_px
 from pelmark.registration.options import Init, RegistrationSettings, Solver
 from pelmark.registration.result import RegistrationResult
+from pelmark.registration.threads import small_problem_threads
 from pelmark.registration.unrolled import Box, Objective, solve_adam, solve_lbfgs
 from pelmark.types import Landmarks2D, Landmarks3D, Weights
 
@@ -55,18 +57,26 @@ def register(
         PelmarkError: on wrong shapes, negative weights, or an unknown solver/init.
     """
     kind = _solver(solver)
-    problem = prepare(landmarks_px, weights, points_world_mm, settings)
-    if init is None:
-        init = Init.CLOSED_FORM if kind is Solver.LM else Init.IDENTITY
-    detached = (problem.landmarks_px.detach(), problem.weights.detach(), problem.points_world_mm.detach())
-    inputs = (problem.landmarks_px, problem.weights, problem.points_world_mm)
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
-    if kind is Solver.LM:
-        starts = starting_poses(init, *detached, camera)
-        solved = _run_lm(problem, camera, starts, settings, needs_grad)
-    else:
-        start = initial_pose(init, *detached, camera, settings.min_depth_mm)
-        solved = _run_unrolled(kind, problem, camera, start, settings, needs_grad)
+    # LM's kernels are small: they run on one thread (its backward too, see ImplicitPose). The
+    # paper's unrolled solvers are left as they were: their backward runs outside this call.
+    threads = (
+        small_problem_threads(landmarks_px.device, landmarks_px.numel() // 2)
+        if kind is Solver.LM
+        else contextlib.nullcontext()
+    )
+    with threads:
+        problem = prepare(landmarks_px, weights, points_world_mm, settings)
+        if init is None:
+            init = Init.CLOSED_FORM if kind is Solver.LM else Init.IDENTITY
+        detached = (problem.landmarks_px.detach(), problem.weights.detach(), problem.points_world_mm.detach())
+        inputs = (problem.landmarks_px, problem.weights, problem.points_world_mm)
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+        if kind is Solver.LM:
+            starts = starting_poses(init, *detached, camera)
+            solved = _run_lm(problem, camera, starts, settings, needs_grad)
+        else:
+            start = initial_pose(init, *detached, camera, settings.min_depth_mm)
+            solved = _run_unrolled(kind, problem, camera, start, settings, needs_grad)
 
     dtype = landmarks_px.dtype if landmarks_px.is_floating_point() else torch.float64
     return RegistrationResult(

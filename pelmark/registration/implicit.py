@@ -41,8 +41,8 @@ from pelmark.registration.objective import (
     chart_jacobian,
     left_jacobian_inverse_apply,
     linearise,
-    normal_equations,
 )
+from pelmark.registration.threads import small_problem_threads
 
 
 class ImplicitPose(torch.autograd.Function):
@@ -74,17 +74,18 @@ class ImplicitPose(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_pose: Tensor) -> tuple[Tensor | None, ...]:
         solution, landmarks_px, weights, points_world_mm, keep = ctx.saved_tensors
-        grads = implicit_vjp(
-            grad_pose,
-            solution,
-            landmarks_px,
-            weights,
-            points_world_mm,
-            keep,
-            ctx.camera,
-            ctx.min_depth_mm,
-            wanted=tuple(ctx.needs_input_grad[1:4]),
-        )
+        with small_problem_threads(solution.device, weights.numel()):
+            grads = implicit_vjp(
+                grad_pose,
+                solution,
+                landmarks_px,
+                weights,
+                points_world_mm,
+                keep,
+                ctx.camera,
+                ctx.min_depth_mm,
+                wanted=tuple(ctx.needs_input_grad[1:4]),
+            )
         return (None, *grads, None, None, None)
 
 
@@ -120,7 +121,7 @@ def implicit_vjp(
     lin = linearise(points_world_mm, solution, camera, min_depth_mm)
     residual = lin.pixels - landmarks_px
     curvature = _projection_curvature(lin, residual)
-    phi = (lin.pixel_per_world.transpose(-1, -2) @ residual[..., None])[..., 0]  # (∂π/∂p')ᵀ e
+    phi = _pixel_force(lin, residual)
     hessian = chart_hessian(lin, residual, weights, curvature, phi)
     # Aᵀ ∂L/∂θ with A = ∂θ/∂δ = diag(J_l⁻¹, I).
     rhs_rotation = left_jacobian_inverse_apply(solution[:, :3], grad_pose[:, :3], transpose=True)
@@ -128,11 +129,12 @@ def implicit_vjp(
     eye = torch.eye(6, dtype=dtype, device=device)
     u, info = torch.linalg.solve_ex(torch.where(keep[:, None, None], hessian, eye), rhs)
     ok = keep & (info == 0) & torch.isfinite(u).all(-1)
-    u = torch.where(ok[:, None], u, torch.zeros_like(u))
+    u = torch.where(ok[:, None], u, 0.0)
     u_omega, u_tau = u[:, None, :3], u[:, None, 3:]
 
-    # J_δ u: how each landmark's pixel moves along u.
-    moved_px = (lin.pixel_per_omega @ u_omega[..., None] + lin.pixel_per_world @ u_tau[..., None])[..., 0]
+    # J_δ u: how each landmark's pixel moves along u (one batched product over all landmarks).
+    jacobian = chart_jacobian(lin)
+    moved_px = (jacobian.flatten(1, 2) @ u[..., None]).reshape(residual.shape)
     grad_landmarks = weights[..., None] * moved_px if wanted[0] else None
     grad_weights = -(moved_px * residual).sum(-1) if wanted[1] else None
     grad_points = None
@@ -154,7 +156,12 @@ def implicit_vjp(
 
 
 def _zero_unless(ok: Tensor, grad: Tensor) -> Tensor:
-    return torch.where(ok.reshape(-1, *([1] * (grad.ndim - 1))), grad, torch.zeros_like(grad))
+    return torch.where(ok.reshape(-1, *([1] * (grad.ndim - 1))), grad, 0.0)
+
+
+def _pixel_force(lin: Linearisation, residual: Tensor) -> Tensor:
+    """φ = (∂π/∂p')ᵀ e, (B, L, 3): the residual pulled back to the moved point."""
+    return (lin.pixel_per_world.transpose(-1, -2) @ residual[..., None])[..., 0]
 
 
 def _projection_curvature(lin: Linearisation, residual: Tensor) -> Tensor:
@@ -164,13 +171,10 @@ def _projection_curvature(lin: Linearisation, residual: Tensor) -> Tensor:
     xz = -e_u fx/Z², yz = -e_v fy/Z², zz = 2 (e_u fx X + e_v fy Y)/Z³; all 0
     where the depth clamp is active.
     """
-    per_camera = lin.pixel_per_camera
-    k = lin.unclamped_inverse_depth
-    e_u, e_v = residual[..., 0], residual[..., 1]
-    xz = -e_u * per_camera[..., 0, 0] * k
-    yz = -e_v * per_camera[..., 1, 1] * k
-    zz = -2.0 * (e_u * per_camera[..., 0, 2] + e_v * per_camera[..., 1, 2]) * k
-    return torch.stack([xz, yz, zz], dim=-1)
+    k = lin.unclamped_inverse_depth[..., None]
+    xz_yz = -(residual * lin.focal_per_depth) * k
+    zz = 2.0 * (residual * lin.offset_per_depth).sum(-1, keepdim=True) * k
+    return torch.cat([xz_yz, zz], dim=-1)
 
 
 def _curvature_apply(curvature: Tensor, vectors: Tensor) -> Tensor:
@@ -202,25 +206,28 @@ def chart_hessian(
     if curvature is None:
         curvature = _projection_curvature(lin, residual)
     if phi is None:
-        phi = (lin.pixel_per_world.transpose(-1, -2) @ residual[..., None])[..., 0]
+        phi = _pixel_force(lin, residual)
     dtype, device = residual.dtype, residual.device
     r_ap = R_AP.to(dtype=dtype, device=device)
-    batch, count = weights.shape
     q = lin.rotated_mm
-    gauss_newton, _ = normal_equations(chart_jacobian(lin), residual, weights)
 
-    # G = dX_cam/dδ = R_AP [-[q]× | I] (B, L, 3, 6): row m is (q × R_AP[m], R_AP[m]).
-    axes = r_ap.expand(batch, count, 3, 3)
-    g = torch.cat([torch.linalg.cross(q[..., None, :].expand_as(axes), axes, dim=-1), axes], dim=-1)
-    # Gᵀ M G = a ⊗ G_z + G_z ⊗ a with a = xz G_x + yz G_y + ½ zz G_z.
-    half = torch.tensor([1.0, 1.0, 0.5], dtype=dtype, device=device)
-    a = ((curvature * half)[..., None] * g).sum(-2)
-    cross_term = (a * weights[..., None]).transpose(-1, -2) @ g[..., 2, :]
-    hessian = gauss_newton + cross_term + cross_term.transpose(-1, -2)
-
-    outer = (phi * weights[..., None]).transpose(-1, -2) @ q  # S = Σ w φ qᵀ, (B, 3, 3)
-    trace = outer.diagonal(dim1=-2, dim2=-1).sum(-1)
-    eye3 = torch.eye(3, dtype=dtype, device=device)
-    rotation = 0.5 * (outer + outer.transpose(-1, -2)) - trace[:, None, None] * eye3
-    top = torch.cat([hessian[:, :3, :3] + rotation, hessian[:, :3, 3:]], dim=-1)
-    return torch.cat([top, hessian[:, 3:]], dim=-2)
+    # G = dX_cam/dδ = R_AP [-[q]× | I] (B, L, 3, 6): row m is (q × R_AP[m], R_AP[m]), linear in
+    # R_AP[m]. Gᵀ M G = a ⊗ G_z + G_z ⊗ a with a = xz G_x + yz G_y + ½ zz G_z, so a is the row of
+    # c = xz R_AP[0] + yz R_AP[1] + ½ zz R_AP[2].
+    c = (curvature * curvature.new_tensor([1.0, 1.0, 0.5])) @ r_ap
+    axis_z = r_ap[2].expand_as(q)
+    a = torch.cat([torch.linalg.cross(q, c, dim=-1), c], dim=-1)
+    g_z = torch.cat([torch.linalg.cross(q, axis_z, dim=-1), axis_z], dim=-1)
+    # All of H but the trace term is one product Σ_i w_i Σ_rows x ⊗ y over rows per landmark:
+    # J_u ⊗ J_u + J_v ⊗ J_v (Gauss-Newton), a ⊗ G_z + G_z ⊗ a (projection curvature) and
+    # ½(φ ⊗ q + q ⊗ φ) in the rotation block, the symmetric part of S = Σ w φ qᵀ.
+    phi_0 = torch.cat([phi, torch.zeros_like(phi)], dim=-1)
+    q_0 = torch.cat([q, torch.zeros_like(q)], dim=-1)
+    jacobian = chart_jacobian(lin)
+    left = torch.cat([jacobian, torch.stack([a, g_z, 0.5 * phi_0, 0.5 * q_0], dim=-2)], dim=-2)
+    right = torch.cat([jacobian, torch.stack([g_z, a, q_0, phi_0], dim=-2)], dim=-2)
+    hessian = (left * weights[..., None, None]).flatten(1, 2).transpose(-1, -2) @ right.flatten(1, 2)
+    # The rotation block's - tr(S) I.
+    trace = (weights * (phi * q).sum(-1)).sum(-1)
+    hessian.diagonal(dim1=-2, dim2=-1)[:, :3] -= trace[:, None]
+    return hessian

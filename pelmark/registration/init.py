@@ -83,7 +83,7 @@ def closed_form_pose(
     row_y = torch.cat([zeros, homogeneous, -ray_y * normalised], dim=-1)
     design = torch.cat([row_x, row_y], dim=-2)  # (B, 2L, 11)
     target = torch.cat([ray_x, ray_y], dim=-2)  # (B, 2L, 1)
-    weighted = (design * weights.repeat(1, 2)[..., None]).transpose(-1, -2)
+    weighted = (design * torch.cat([weights, weights], dim=-1)[..., None]).transpose(-1, -2)
     factor, info = torch.linalg.cholesky_ex(weighted @ design)
     solution = torch.cholesky_solve(weighted @ target, factor)[..., 0]
     projection = torch.cat([solution, torch.ones_like(solution[:, :1])], dim=-1).reshape(batch, 3, 4)
@@ -140,7 +140,7 @@ def _translation_given_rotation(rotated: Tensor, ray_x: Tensor, ray_y: Tensor, w
     row_y = torch.stack([zero, one, -ray_y], dim=-1)
     design = torch.cat([row_x, row_y], dim=-2)  # (B, 2L, 3)
     target = torch.cat([ray_x * rotated[..., 2] - rotated[..., 0], ray_y * rotated[..., 2] - rotated[..., 1]], dim=-1)
-    weighted = (design * weights.repeat(1, 2)[..., None]).transpose(-1, -2)
+    weighted = (design * torch.cat([weights, weights], dim=-1)[..., None]).transpose(-1, -2)
     translation, _ = torch.linalg.solve_ex(weighted @ design, (weighted @ target[..., None])[..., 0])
     return translation
 

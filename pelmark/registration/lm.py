@@ -20,9 +20,8 @@ from torch import Tensor
 
 from pelmark.geometry import Camera
 from pelmark.registration.objective import (
-    chart_jacobian,
+    gauss_newton_system,
     linearise,
-    normal_equations,
     retract,
     weighted_cost,
     wrap_rotation,
@@ -86,10 +85,13 @@ def solve_lm(
     Returns:
         The final :class:`LMState`.
     """
-    with torch.no_grad():
+    # Inference mode skips autograd's bookkeeping on every kernel; the caller's tensors only
+    # enter as inputs, and what leaves is cloned into ordinary tensors.
+    with torch.inference_mode():
         starts = starts if starts.ndim == 3 else starts[None]
         evaluated = _best_start(landmarks_px, weights, points_world_mm, camera, starts, min_depth_mm)
-        return _iterate(landmarks_px, weights, points_world_mm, camera, *evaluated, active, settings, min_depth_mm)
+        state = _iterate(landmarks_px, weights, points_world_mm, camera, *evaluated, active, settings, min_depth_mm)
+    return LMState(**{field.name: getattr(state, field.name).clone() for field in dataclasses.fields(state)})
 
 
 def _evaluate(
@@ -97,9 +99,8 @@ def _evaluate(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Cost (B,), chart JᵀWJ (B, 6, 6), JᵀWe (B, 6), pixels (B, L, 2) and depths (B, L) at ``pose``."""
     lin = linearise(points_world_mm, pose, camera, min_depth_mm)
-    residual = lin.pixels - landmarks_px
-    hessian, gradient = normal_equations(chart_jacobian(lin), residual, weights)
-    return weighted_cost(residual, weights), hessian, gradient, lin.pixels, lin.depth_mm
+    hessian, gradient, cost = gauss_newton_system(lin, lin.pixels - landmarks_px, weights)
+    return cost, hessian, gradient, lin.pixels, lin.depth_mm
 
 
 def _best_start(
@@ -108,11 +109,10 @@ def _best_start(
     """The candidate with the lowest cost per sample, and its evaluation."""
     count, batch = starts.shape[:2]
     starts = wrap_rotation(starts.reshape(count * batch, 6))
-    repeat = (count, 1, 1)
     evaluated = _evaluate(
-        landmarks_px.repeat(repeat),
-        weights.repeat(count, 1),
-        points_world_mm.repeat(repeat),
+        torch.cat([landmarks_px] * count),
+        torch.cat([weights] * count),
+        torch.cat([points_world_mm] * count),
         camera,
         starts,
         min_depth_mm,
@@ -151,30 +151,36 @@ def _iterate(
     iterations = torch.zeros(batch, dtype=torch.int64, device=device)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
 
+    running = bool(active.any())
     for _ in range(settings.max_iterations):
-        if not bool(active.any()):
+        if not running:
             break
         # A failed factorisation (all weights 0, or no signal in a direction) gives a
         # zero step: the sample's λ then grows until it stops, flagged later as singular.
         diag = hessian.diagonal(dim1=-2, dim2=-1)
-        factor, info = torch.linalg.cholesky_ex(hessian + torch.diag_embed(damping[:, None] * diag))
-        step = torch.cholesky_solve(gradient[..., None], factor)[..., 0]
-        step = torch.where((info == 0)[:, None], -step, torch.zeros_like(step))
+        scaled_diag = damping[:, None] * diag
+        factor, info = torch.linalg.cholesky_ex(hessian + torch.diag_embed(scaled_diag))
+        factored = info == 0
+        step = torch.cholesky_solve(gradient.neg()[..., None], factor)[..., 0]
+        step = torch.where(factored[:, None], step, 0.0)
         trial = retract(pose, step)
-        if bool((trial[:, :3].square().sum(-1) > math.pi**2).any()):
-            trial = wrap_rotation(trial)
+        # Whether to wrap shares one synchronisation with the host with the stopping test below.
+        rotation2 = trial[:, :3].square().sum(-1)
 
         # A negligible step is taken without evaluating it: its effect on the
         # cost is below rounding, and skipping that evaluation saves a whole
         # iteration per solve. Pixels, depths and JᵀWJ stay those of the last
         # evaluated pose, which differs from the returned one by that step.
         # From (H + λD) δ = -g the model decrease -(2gᵀδ + δᵀHδ) is -gᵀδ + λ δᵀDδ.
-        predicted = (damping[:, None] * diag * step.square() - gradient * step).sum(-1)
+        predicted = ((scaled_diag * step - gradient) * step).sum(-1)
         small_step = step.norm(dim=-1) <= settings.step_tolerance * (pose.norm(dim=-1) + settings.step_tolerance)
-        final = active & (info == 0) & (small_step | (predicted <= settings.cost_tolerance * cost))
-        if bool(final.any()):
+        final = active & factored & (small_step | (predicted <= settings.cost_tolerance * cost))
+        wrap, any_final = torch.stack([(rotation2 > math.pi**2).any(), final.any()]).tolist()
+        if wrap:
+            trial = wrap_rotation(trial)
+        if any_final:
             pose = torch.where(final[:, None], trial, pose)
-            iterations = iterations + final.to(torch.int64)
+            iterations = iterations + final
             converged = converged | final
             active = active & ~final
             if not bool(active.any()):
@@ -186,7 +192,8 @@ def _iterate(
         # Near the minimum the cost changes by less than its own rounding error,
         # so a step that does not raise it beyond that error counts as a descent:
         # rejecting it would only inflate λ and stop short of the minimum.
-        slack = rounding * (cost.sqrt() + landmark_norm) * cost.sqrt()
+        root_cost = cost.sqrt()
+        slack = rounding * (root_cost + landmark_norm) * root_cost
         accept = active & (trial_cost < cost + slack)  # False for NaN
 
         pose = torch.where(accept[:, None], trial, pose)
@@ -196,8 +203,9 @@ def _iterate(
         pixels = torch.where(accept[:, None, None], trial_pixels, pixels)
         depth = torch.where(accept[:, None], trial_depth, depth)
         damping = torch.where(accept, damping * 0.1, damping * 10.0).clamp_min(_MIN_DAMPING)
-        iterations = iterations + active.to(torch.int64)
+        iterations = iterations + active
         active = active & (damping <= settings.max_damping)
+        running = bool(active.any())
 
     return LMState(
         pose=pose,

@@ -45,20 +45,29 @@ class _Constants(NamedTuple):
     centre: Tensor  # (cx, cy)
     source: Tensor  # (0, 0, sid): X_cam = R_AP p' + source
     r_ap: Tensor
+    r_ap_xy: Tensor  # (2, 3) the first two rows of R_AP: the camera's x and y axes in the world
+    r_ap_z: Tensor  # (3,) its optical axis in the world
 
 
 @functools.lru_cache(maxsize=32)
 def _constants(camera: Camera, dtype: torch.dtype, device: torch.device) -> _Constants:
     """Camera constants as tensors, built once per (camera, dtype, device): the solver's inner
-    loop would otherwise spend a good part of its time creating them."""
-    focal = torch.tensor([camera.fx, camera.fy], dtype=dtype, device=device)
-    return _Constants(
-        focal=focal,
-        inverse_focal=1.0 / focal,
-        centre=torch.tensor([camera.cx_px, camera.cy_px], dtype=dtype, device=device),
-        source=torch.tensor([0.0, 0.0, camera.sid_mm], dtype=dtype, device=device),
-        r_ap=R_AP.to(dtype=dtype, device=device),
-    )
+    loop would otherwise spend a good part of its time creating them.
+
+    They are ordinary tensors even when first asked for under inference mode (the LM loop
+    runs in it), since autograd code uses them later.
+    """
+    with torch.inference_mode(False):
+        focal = torch.tensor([camera.fx, camera.fy], dtype=dtype, device=device)
+        return _Constants(
+            focal=focal,
+            inverse_focal=1.0 / focal,
+            centre=torch.tensor([camera.cx_px, camera.cy_px], dtype=dtype, device=device),
+            source=torch.tensor([0.0, 0.0, camera.sid_mm], dtype=dtype, device=device),
+            r_ap=R_AP.to(dtype=dtype, device=device),
+            r_ap_xy=R_AP[:2].to(dtype=dtype, device=device),
+            r_ap_z=R_AP[2].to(dtype=dtype, device=device),
+        )
 
 
 def _left_jacobian_coefficients(rotvec: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,7 +85,7 @@ def _inverse_coefficient(rotvec: Tensor) -> Tensor:
     """d = (1 - (θ/2) cot(θ/2))/θ² of J_l⁻¹ = I - ½K + dK², finite at θ = 0."""
     theta2 = (rotvec * rotvec).sum(-1)
     small = theta2 < _SMALL_ANGLE2
-    theta2_safe = torch.where(small, torch.ones_like(theta2), theta2)
+    theta2_safe = torch.where(small, 1.0, theta2)
     half = theta2_safe.sqrt() / 2.0
     return torch.where(small, 1.0 / 12.0 + theta2 / 720.0, (1.0 - half / torch.tan(half)) / theta2_safe)
 
@@ -112,7 +121,10 @@ class Linearisation:
         pixels: (B, L, 2) from :func:`pelmark.geometry.project_with_depth`.
         depth_mm: (B, L) unclamped depths.
         rotated_mm: (B, L, 3) q = R(r) p, the world point rotated but not translated.
-        pixel_per_camera: (B, L, 2, 3) d(u, v)/dX_cam (zero along Z where the clamp is active).
+        focal_per_depth: (B, L, 2) (fx/Z, fy/Z) with Z the clamped depth: the diagonal of
+            d(u, v)/d(X, Y).
+        offset_per_depth: (B, L, 2) ((u - cx)/Z, (v - cy)/Z) where the depth clamp is
+            inactive, else 0: minus d(u, v)/dZ.
         pixel_per_world: (B, L, 2, 3) d(u, v)/dp' = d(u, v)/dX_cam R_AP, also d(u, v)/dt.
         pixel_per_omega: (B, L, 2, 3) d(u, v)/dω for the left perturbation R -> exp([ω]×) R,
             rows (q × c_k)ᵀ for the rows c_k of ``pixel_per_world``.
@@ -123,10 +135,16 @@ class Linearisation:
     pixels: Tensor
     depth_mm: Tensor
     rotated_mm: Tensor
-    pixel_per_camera: Tensor
+    focal_per_depth: Tensor
+    offset_per_depth: Tensor
     pixel_per_world: Tensor
     pixel_per_omega: Tensor
     unclamped_inverse_depth: Tensor
+
+    @property
+    def pixel_per_camera(self) -> Tensor:
+        """(B, L, 2, 3) d(u, v)/dX_cam: rows (fx/Z, 0, -(u - cx)/Z) and (0, fy/Z, -(v - cy)/Z)."""
+        return torch.cat([torch.diag_embed(self.focal_per_depth), -self.offset_per_depth[..., None]], dim=-1)
 
 
 def linearise(points_world_mm: Landmarks3D, pose: Pose, camera: Camera, min_depth_mm: float) -> Linearisation:
@@ -147,18 +165,19 @@ def linearise(points_world_mm: Landmarks3D, pose: Pose, camera: Camera, min_dept
     cam = torch.cat([cam_xy, depth[..., None]], dim=-1) - const.source
     rotated = cam @ const.r_ap - pose[..., None, 3:]  # q = R(r) p = R_APᵀ (X_cam - sid e_z) - t
 
-    # d(u, v)/dX_cam: rows (fx/Z, 0, -(u - cx)/Z) and (0, fy/Z, -(v - cy)/Z).
-    unclamped_inverse_z = (depth > min_depth_mm).to(z.dtype) * inverse_z
-    along = torch.diag_embed(const.focal * inverse_z[..., None])  # (B, L, 2, 2)
+    # d(u, v)/dX_cam has rows (fx/Z, 0, -(u - cx)/Z) and (0, fy/Z, -(v - cy)/Z), so its
+    # product with R_AP is a sum of two outer products (fewer kernels than building it).
+    unclamped_inverse_z = torch.where(depth > min_depth_mm, inverse_z, 0.0)
+    along = const.focal * inverse_z[..., None]  # (B, L, 2)
     against_depth = offset_px * unclamped_inverse_z[..., None]
-    per_camera = torch.cat([along, -against_depth[..., None]], dim=-1)
-    per_world = per_camera @ const.r_ap
+    per_world = along[..., None] * const.r_ap_xy - against_depth[..., None] * const.r_ap_z
     per_omega = torch.linalg.cross(rotated[..., None, :].expand_as(per_world), per_world, dim=-1)
     return Linearisation(
         pixels=pixels,
         depth_mm=depth,
         rotated_mm=rotated,
-        pixel_per_camera=per_camera,
+        focal_per_depth=along,
+        offset_per_depth=against_depth,
         pixel_per_world=per_world,
         pixel_per_omega=per_omega,
         unclamped_inverse_depth=unclamped_inverse_z,
@@ -213,6 +232,17 @@ def normal_equations(jacobian: Tensor, residual_px: Tensor, weights: Weights) ->
     hessian = weighted @ jacobian.flatten(1, 2)
     gradient = (weighted @ residual_px.flatten(1, 2)[..., None])[..., 0]
     return hessian, gradient
+
+
+def gauss_newton_system(lin: Linearisation, residual_px: Tensor, weights: Weights) -> tuple[Tensor, Tensor, Tensor]:
+    """JᵀWJ (B, 6, 6), JᵀWe (B, 6) and the cost eᵀWe (B,) in the chart, from one batched product.
+
+    [J | e]ᵀ W [J | e] holds all three: its top-left block, last column and last entry.
+    """
+    augmented = torch.cat([lin.pixel_per_omega, lin.pixel_per_world, residual_px[..., None]], dim=-1)  # (B, L, 2, 7)
+    weighted = (augmented * weights[..., None, None]).flatten(1, 2)
+    product = weighted.transpose(-1, -2) @ augmented.flatten(1, 2)
+    return product[:, :6, :6], product[:, :6, 6], product[:, 6, 6]
 
 
 def cost_gradient(
