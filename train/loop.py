@@ -485,6 +485,8 @@ def _run_info(trainer: Trainer, status: RunStatus, reason: str = "", created: st
         "store": {
             "path": str(trainer.store.resolve()),
             "fingerprint": trainer.store_fingerprint,
+            # The detector of its images: pelmark predict resamples an X-ray to the model's mm per pixel from it.
+            "intrinsics": trainer.train_set.camera.to_dict(),
             "train_images": len(trainer.train_set),
             "val_images": 0 if trainer.val_set is None else len(trainer.val_set),
         },
