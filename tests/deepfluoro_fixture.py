@@ -201,9 +201,10 @@ def write_deepfluoro_fixture(
                 poses.create_dataset("cam-to-right-femur-vol", data=cam_to_pelvis)
                 poses.create_dataset("left-femur-good-fov", data=np.uint8(1))
                 poses.create_dataset("right-femur-good-fov", data=np.uint8(0))
-                _write_image_group(
-                    proj.create_group("gt-seg"), np.zeros((ROWS, COLS), np.uint8), (COL_SPACING_MM, ROW_SPACING_MM), (0.0, 0.0)
-                )
+                # The ground-truth segmentation marks the bright marker (label 1) in the file's own orientation.
+                rows_grid, cols_grid = np.mgrid[0:ROWS, 0:COLS]
+                marker_seg = (np.hypot(cols_grid - gt[marker][0], rows_grid - gt[marker][1]) <= 3.0).astype(np.uint8)
+                _write_image_group(proj.create_group("gt-seg"), marker_seg, (COL_SPACING_MM, ROW_SPACING_MM), (0.0, 0.0))
                 proj.create_dataset("rot-180-for-up", data=np.uint8(flip))
                 records.append(ProjectionTruth(key, cam_to_pelvis, gt, flip, image, marker))
             truths.append(SpecimenTruth(name, truth_origin, landmarks, tuple(records)))

@@ -171,6 +171,20 @@ class CameraConversion:
                 out = ndimage.shift(out, shift, order=1, mode="nearest")
         return np.ascontiguousarray(out)
 
+    def labels(self, labels: np.ndarray, rot_180: bool) -> np.ndarray:
+        """A (rows, columns) label map oriented like :meth:`image`, the sub-pixel shift by nearest neighbour."""
+        out = np.asarray(labels)
+        if self.mirror_columns:
+            out = out[:, ::-1]
+        if rot_180:
+            out = out[::-1, ::-1]
+            shift = (2.0 * self.cy_px - (self.height - 1.0), 2.0 * self.cx_px - (self.width - 1.0))
+            if max(abs(s) for s in shift) > 1e-9:
+                from scipy import ndimage
+
+                out = ndimage.shift(out, shift, order=0, mode="nearest")
+        return np.ascontiguousarray(out)
+
     def world_to_camera(self, cam_to_pelvis: np.ndarray, center_ras: np.ndarray, rot_180: bool) -> np.ndarray:
         """(4, 4) pelmark world -> pelmark camera frame of one projection: ``[R_up S] E T⁻¹ A``."""
         world_to_lps = np.eye(4)

@@ -47,7 +47,7 @@ from pelmark.deepfluoro.convert import (
     convert_projection,
     landmarks_world,
 )
-from pelmark.deepfluoro.layout import DeepFluoroFile, SpecimenIndex
+from pelmark.deepfluoro.layout import DEEPFLUORO_CLASS_NAMES, DeepFluoroFile, SpecimenIndex
 from pelmark.errors import PelmarkError
 from pelmark.geometry import Camera, nominal_rotation, rotation_angle_deg, rotation_to_rotvec
 
@@ -361,6 +361,9 @@ def _write(
 
     (staging / "ct").mkdir()
     (staging / "landmarks").mkdir()
+    classes, lookup = _classes(source)
+    if classes:
+        (staging / "seg").mkdir()
     subjects, records, entries = [], [], []
     views = max(len(s.projections) for s in source.specimens)
     bar = tqdm(
@@ -375,7 +378,20 @@ def _write(
             ct_rel, lm_rel = Path("ct") / f"{stem}.nii.gz", Path("landmarks") / f"{stem}.mrk.json"
             save_ct(ct, staging / ct_rel)
             write_mrk_json(staging / lm_rel, plan.names, ct.world_to_ras(plan.world[specimen.name]))
-            subjects.append(Subject(id=specimen.name, ct=staging / ct_rel, landmarks=staging / lm_rel, role=role))
+            segmentation = {}
+            if classes:
+                from pelmark.io.labels import LabelVolume, labels_digest, save_labels
+
+                seg_rel = Path("seg") / f"{stem}.nii.gz"
+                labels = lookup[specimen.name][source.read_volume_labels(specimen)]
+                save_labels(labels, ct.affine_ras, staging / seg_rel)
+                segmentation = {"segmentation": str(out / seg_rel), "segmentation_sha256": labels_digest(LabelVolume(labels, ct.affine_ras))}
+            subjects.append(
+                Subject(
+                    id=specimen.name, ct=staging / ct_rel, landmarks=staging / lm_rel, role=role,
+                    segmentation=staging / seg_rel if classes else None,
+                )
+            )  # fmt: skip
             records.append(
                 {
                     "index": index,
@@ -389,15 +405,16 @@ def _write(
                     "ct_spacing_mm": [float(s) for s in ct.spacing_mm],
                     "projections": [r.key for r in specimen.projections],
                     "n_projections": len(specimen.projections),
+                    **segmentation,
                 }
             )
             entries.append(SpecimenEntry(specimen.name, role.value, len(specimen.projections), index * views))
             del ct
 
         manifest_path = staging / MANIFEST_NAME
-        write_manifest(manifest_path, DATASET_NAME, plan.names, subjects, synth=_synth_table(plan))
+        write_manifest(manifest_path, DATASET_NAME, plan.names, subjects, synth=_synth_table(plan), classes=classes)
         manifest_sha = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
-        _write_store(staging / STORE_NAME, out, source, plan, settings, records, manifest_sha, views, bar)
+        _write_store(staging / STORE_NAME, out, source, plan, settings, records, manifest_sha, views, bar, (classes, lookup))
     finally:
         bar.close()
 
@@ -474,6 +491,28 @@ def line_integral(image: np.ndarray, kind: PixelKind) -> np.ndarray:
     return np.log(peak) - np.log(np.maximum(image, peak * 1e-6))
 
 
+def _classes(source: DeepFluoroFile) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+    """The bone classes of a file with segmentations, and per specimen a lookup table from its label values to them.
+
+    DeepFluoro's names become pelmark's (:data:`DEEPFLUORO_CLASS_NAMES`), in the order of
+    ``SEED003_CLASSES``; other names follow, sorted. ((), {}) for a file without ``vol-seg`` and ``gt-seg``.
+    """
+    from pelmark.landmark_sets import SEED003_CLASSES
+
+    if not source.has_segmentation():
+        return (), {}
+    names = {s.name: {v: DEEPFLUORO_CLASS_NAMES.get(n, n) for v, n in source.label_names(s).items()} for s in source.specimens}
+    found = {n for per in names.values() for n in per.values()}
+    classes = tuple(c for c in SEED003_CLASSES if c in found) + tuple(sorted(found - set(SEED003_CLASSES)))
+    lookup = {}
+    for specimen, per in names.items():
+        table = np.zeros(256, dtype=np.uint8)  # a value without a name is background
+        for value, name in per.items():
+            table[value] = classes.index(name) + 1
+        lookup[specimen] = table
+    return classes, lookup
+
+
 def _write_store(
     path: Path,
     out: Path,
@@ -484,7 +523,10 @@ def _write_store(
     manifest_sha: str,
     views: int,
     bar,
+    labelled: tuple[tuple[str, ...], dict[str, np.ndarray]] = ((), {}),
 ) -> None:
+    """The X-rays as a store; with ``labelled`` (the classes and each specimen's lookup table), each ``gt-seg`` too,
+    oriented like its image and resized by nearest neighbour at pixel centres."""
     import torch
 
     from pelmark.synth import store as store_mod
@@ -500,6 +542,7 @@ def _write_store(
         width=store_camera.width,
         n_landmarks=len(plan.names),
         image_dtype="float16",
+        segmentation=bool(labelled[0]),
     )
     data_settings = _settings_attribute(plan, settings, views)
     store_mod.create_store(path, layout, {"format": store_mod.FORMAT_NAME, "format_version": store_mod.FORMAT_VERSION})
@@ -529,6 +572,14 @@ def _write_store(
             image = plan.conversion.image(line, record.rot_180_for_up)
             resized = resize_image(torch.from_numpy(image), store_camera.height, store_camera.width)
             group["images"][rows.start + j] = resized.numpy().astype(np.float16)
+            if labelled[0]:
+                labels = labelled[1][specimen.name][source.read_projection_labels(record)]
+                digest.update(labels.tobytes())
+                oriented = torch.from_numpy(plan.conversion.labels(labels, record.rot_180_for_up).astype(np.float32))
+                size = (store_camera.height, store_camera.width)
+                group["segmentation"][rows.start + j] = (
+                    torch.nn.functional.interpolate(oriented[None, None], size=size, mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+                )
             px = camera.pixels_to(store_camera, _tensor(item.landmarks_px))
             data["pose"][j] = item.pose
             data["landmarks_2d"][j] = px.numpy()
@@ -544,6 +595,7 @@ def _write_store(
     group.attrs.update(
         {
             "landmark_names": list(plan.names),
+            **({"classes": list(labelled[0])} if labelled[0] else {}),
             "subjects": records,
             "splits": {s.label: int(s) for s in Split},
             "padding_split": PADDING_SPLIT,

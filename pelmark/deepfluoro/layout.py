@@ -7,12 +7,13 @@ The layout (Grupp et al., ``ipcai_2020_full_res_data.h5``)::
                             pixel-col-spacing, pixel-row-spacing (mm / pixel)
     <specimen>/             every other top-level group is one specimen, e.g. 17-1882
         vol/                dir-mat, origin (LPS mm), pixels (row-major), spacing (x, y, z)
-        vol-seg/            (not read)
+        vol-seg/            image/ (a volume group on vol's grid), labels-def/ <N> -> name; optional
         vol-landmarks/      <name> -> 3D point, LPS mm
         projections/<key>/  e.g. 005
             image/          pixels (rows, cols), origin, spacing, dir-mat
             gt-landmarks/   <name> -> (column, row), pixels
             gt-poses/       cam-to-pelvis-vol (4x4, camera world frame -> pelvis volume, LPS)
+            gt-seg/         pixels (rows, cols) label values as vol-seg's; optional
             rot-180-for-up  0 or 1
 
 "Row-major" pixels of a 3D ITK image put the x index last, so ``vol/pixels``
@@ -43,6 +44,16 @@ _PROJ_PARAM_KEYS = ("extrinsic", "intrinsic", "num-cols", "num-rows", "pixel-col
 _SPECIMEN_KEYS = ("vol", "vol-landmarks", "projections")
 _IMAGE_KEYS = ("dir-mat", "origin", "pixels", "spacing")
 _RIGID_TOLERANCE = 1e-4
+
+# DeepFluoro's label names (``vol-seg/labels-def``) as pelmark's bone classes (landmark_sets.SEED003_CLASSES).
+DEEPFLUORO_CLASS_NAMES = {
+    "left-hemipelvis": "hemipelvis-l",
+    "right-hemipelvis": "hemipelvis-r",
+    "left-femur": "femur-l",
+    "right-femur": "femur-r",
+    "vertebrae": "vertebrae",
+    "upper-sacrum": "upper-sacrum",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +215,53 @@ class DeepFluoroFile:
         if not np.all(np.isfinite(image)):
             self._fail(where, "contains NaN or infinite pixels")
         return image
+
+    def has_segmentation(self) -> bool:
+        """Every specimen has ``vol-seg`` (an image and ``labels-def``) and every projection a ``gt-seg``."""
+        for specimen in self.specimens:
+            if f"{specimen.name}/vol-seg/image/pixels" not in self._file or f"{specimen.name}/vol-seg/labels-def" not in self._file:
+                return False
+            if any(f"{record.h5_path}/gt-seg/pixels".lstrip("/") not in self._file for record in specimen.projections):
+                return False
+        return True
+
+    def label_names(self, specimen: SpecimenIndex) -> dict[int, str]:
+        """``vol-seg/labels-def``: label value -> name."""
+        where = f"/{specimen.name}/vol-seg/labels-def"
+        names = {}
+        for key, node in self._group(where).items():
+            if not key.isdigit() or not 1 <= int(key) <= 255:
+                self._fail(f"{where}/{key}", "label values must be whole numbers from 1 to 255")
+            value = node[()]
+            names[int(key)] = value.decode() if isinstance(value, bytes) else str(value)
+        return names
+
+    def read_volume_labels(self, specimen: SpecimenIndex) -> np.ndarray:
+        """``vol-seg/image``'s labels, (x, y, z) uint8, which must be on ``vol``'s grid."""
+        where = f"/{specimen.name}/vol-seg/image"
+        self._group(where, _IMAGE_KEYS)
+        pixels = np.asarray(self._file[f"{where}/pixels".lstrip("/")][()])
+        shape_xyz = tuple(int(s) for s in pixels.shape[::-1])
+        if shape_xyz != specimen.volume.shape_xyz:
+            self._fail(f"{where}/pixels", f"has shape {pixels.shape}, not vol's {specimen.volume.shape_xyz[::-1]}")
+        for key, value in (("origin", specimen.volume.origin_lps), ("spacing", specimen.volume.spacing_mm)):
+            if not np.allclose(self._array(f"{where}/{key}", size=3), value, atol=1e-3):
+                self._fail(f"{where}/{key}", f"differs from vol's ({np.round(value, 3).tolist()}): not on the CT's grid")
+        return self._labels(where, pixels, (2, 1, 0))
+
+    def read_projection_labels(self, record: ProjectionRecord) -> np.ndarray:
+        """The projection's ``gt-seg`` labels, (rows, columns) uint8, as stored."""
+        where = f"{record.h5_path}/gt-seg"
+        pixels = np.asarray(self._file[f"{where}/pixels".lstrip("/")][()])
+        expected = (self.params.num_rows, self.params.num_cols)
+        if pixels.shape != expected:
+            self._fail(f"{where}/pixels", f"has shape {pixels.shape}, expected (num-rows, num-cols) = {expected}")
+        return self._labels(where, pixels, (0, 1))
+
+    def _labels(self, where: str, pixels: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 255 or np.any(pixels != np.round(pixels))):
+            self._fail(f"{where}/pixels", "label values must be whole numbers from 0 to 255")
+        return np.ascontiguousarray(np.transpose(pixels, axes).astype(np.uint8))
 
     # ------------------------------------------------------------ checking
 

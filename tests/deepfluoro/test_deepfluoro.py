@@ -89,7 +89,7 @@ def _leftovers(parent: Path) -> list[str]:
 
 def test_import_writes_a_complete_folder(imported):
     out, summary = imported
-    assert sorted(p.name for p in out.iterdir()) == ["ct", "import_report.json", "landmarks", "manifest.toml", "xrays.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == ["ct", "import_report.json", "landmarks", "manifest.toml", "seg", "xrays.zarr"]
     assert sorted(p.name for p in (out / "ct").iterdir()) == ["17-1882.nii.gz", "18-0725.nii.gz"]
     assert _leftovers(out.parent) == []
     assert len(summary.checks) == 5 and [s.projections for s in summary.specimens] == [3, 2]
@@ -102,6 +102,31 @@ def test_import_writes_a_complete_folder(imported):
     # ...so the manifest asks synth for DRRs around the PA view, like the real X-rays.
     assert load_manifest(summary.manifest).synth["view"] == "pa"
     assert "conversion check" in summary.lines()[1]
+
+
+def test_segmentations_are_imported_on_the_ct_grid_and_turned_with_their_images(imported):
+    """vol-seg becomes each subject's label volume; gt-seg (the fixture marks the bright marker) turns like the image."""
+    from pelmark.io.labels import load_labels
+    from pelmark.io.ct import load_ct
+    from pelmark.manifest import load_manifest, validate_subject_data
+
+    out, _ = imported
+    manifest = load_manifest(out / "manifest.toml")
+    assert manifest.classes == ("hemipelvis-l",)  # DeepFluoro's "left-hemipelvis"
+    for subject in manifest.subjects:
+        validate_subject_data(manifest, subject)  # on the CT's grid, values within the classes
+        labels = load_labels(subject.segmentation).labels
+        ct = load_ct(subject.ct)
+        np.testing.assert_array_equal(labels, (ct.hu > 0).astype(np.uint8))  # the fixture's vol-seg is hu > 0
+    group = open_store(out / "xrays.zarr")
+    assert dict(group.attrs)["classes"] == ["hemipelvis-l"]
+    rows = np.flatnonzero(np.asarray(group["split"][:]) != 255)
+    for row in rows:
+        image = np.asarray(group["images"][row], dtype=np.float32)
+        seg = np.asarray(group["segmentation"][row])
+        assert seg.shape == (SIZE, SIZE) and seg.any()
+        brightest = np.unravel_index(np.argmax(image), image.shape)
+        assert seg[brightest] == 1, f"row {row}: the marker's label is not where the image's marker is"
 
 
 def test_conversion_proof_is_below_tolerance(imported):
