@@ -3,7 +3,9 @@
 samples_<split>.png
     A few images of the split (rows) under each predictor (columns), at the
     detector's resolution, with the true landmarks in green and the predicted
-    ones in red, joined by a line.
+    ones in red, joined by a line. A segmentation-informed model's predicted
+    bone classes are shown in colour over the image, and the landmarks it
+    calls absent are left out.
 per_landmark_error.png
     Per-landmark RMSE in model px, grouped bars per predictor, one panel per split.
 error_cdf.png
@@ -65,11 +67,19 @@ def write_samples(path: Path, group, truth: SplitTruth, predictions: list[Predic
             ax = axes[r, c]
             ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
             t = true_detector[position][visible]
+            if pred is not None and pred.segmentation is not None:
+                # Model-size labels stretched over the detector image: pixel edges onto pixel edges.
+                extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
+                bones = np.ma.masked_equal(pred.segmentation[position], 0)
+                ax.imshow(bones, cmap="tab10", vmin=0, vmax=9, alpha=0.35, interpolation="nearest", extent=extent)
             if pred is not None:
-                p = model_to_detector_px(pred.predicted_px[position], pred.truth.model_camera, pred.truth.store_camera)[visible]
+                shown = visible if pred.present is None else visible & pred.present[position]
+                t = true_detector[position][shown]
+                p = model_to_detector_px(pred.predicted_px[position], pred.truth.model_camera, pred.truth.store_camera)[shown]
                 for (tx, ty), (px, py) in zip(t, p):
                     ax.plot([tx, px], [ty, py], color="yellow", linewidth=0.6)
                 ax.scatter(p[:, 0], p[:, 1], s=14, c="red", marker="x", linewidths=1.0)
+                t = true_detector[position][visible]
             ax.scatter(t[:, 0], t[:, 1], s=12, c="lime", edgecolors="black", linewidths=0.3)
             ax.set_xlim(-0.5, image.shape[1] - 0.5)
             ax.set_ylim(image.shape[0] - 0.5, -0.5)

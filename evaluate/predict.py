@@ -6,7 +6,9 @@ store image resized to S x S (no crop, no augmentation), through the camera
 argmax of each landmark's heatmap, as the paper evaluates, with the sigmoid
 of the heatmap's peak (the model's confidence); the logits are computed in
 float32 (no autocast) so that nearly equal pixels are not tied by a coarse
-dtype.
+dtype. A segmentation-informed model (:mod:`pelmark.train.seg_informed`) also
+gives its bone label map and its own call of which landmarks are present
+(seed 003's visibility v̂ > 0).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from pelmark.devices import resolve_device
 from pelmark.errors import PelmarkError
 from pelmark.evaluate.units import Unit, point_errors
 from pelmark.geometry import Camera
+from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.synth.poses import Split
 from pelmark.synth.store import open_store
 from pelmark.train.checkpoint import TrainedRun
 from pelmark.train.data import DataSettings, StoreDataset
 from pelmark.train.model import hard_argmax
+from pelmark.train.seg_informed import discrete_visibility, split_outputs
 
 
 # A landmark is found when the sigmoid of its heatmap's peak reaches 0.5: the
@@ -128,12 +132,20 @@ class Predictions:
         peak_probability: (N, L) sigmoid of each heatmap's largest logit (the
             BCE-trained model's probability that its argmax is on the
             landmark); None for a predictor without heatmaps.
+        present: (N, L) the model's own call that each landmark is in the image (a
+            segmentation-informed model's v̂ > 0); None for a model without a visibility output.
+        visibility: (N, L) that model's v̂ in {0, 0.5, 1}; None otherwise.
+        segmentation: (N, S, S) uint8 predicted bone classes (0 = background) at model size; None
+            for a model without a segmentation output.
     """
 
     model: str
     truth: SplitTruth
     predicted_px: np.ndarray
     peak_probability: np.ndarray | None = None
+    present: np.ndarray | None = None
+    visibility: np.ndarray | None = None
+    segmentation: np.ndarray | None = None
 
     def found(self) -> np.ndarray:
         """(N, L) the landmarks the model itself detects: peak probability >= :data:`FOUND_PROBABILITY`
@@ -177,16 +189,31 @@ def predict_split(
     device = next(run.model.parameters()).device
     dataset = StoreDataset(store_path, DataSettings(size=run.config.size, splits=(truth.split,), targets=False), indices=truth.rows)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
-    predicted, peaks, rows = [], [], []
+    n_landmarks = truth.true_px.shape[1]
+    classes = tuple(run.info.get("model_spec", {}).get("segmentation_classes") or ())
+    bones = torch.tensor(landmark_bone_matrix(run.landmark_names, classes)) if classes else None
+    expected = n_landmarks + (len(classes) + 1 if classes else 0)
+    predicted, peaks, rows, visibility, segmentation = [], [], [], [], []
     for batch in tqdm(loader, desc=f"{run.name} {truth.split.label}", unit="batch", disable=not progress, dynamic_ncols=True):
-        logits = run.model(batch["image"].to(device, non_blocking=True)).float()
-        if logits.shape[1] != truth.true_px.shape[1]:
-            raise PelmarkError(
-                f"model predicts {logits.shape[1]} landmarks, the store has {truth.true_px.shape[1]}", run.run_dir
-            )
+        outputs = run.model(batch["image"].to(device, non_blocking=True)).float()
+        if outputs.shape[1] != expected:
+            raise PelmarkError(f"model predicts {outputs.shape[1] - expected + n_landmarks} landmarks, the store has {n_landmarks}", run.run_dir)
+        logits, seg_logits = split_outputs(outputs, n_landmarks)
         predicted.append(hard_argmax(logits).cpu().numpy().astype(np.float64))
         peaks.append(torch.sigmoid(logits.flatten(2).amax(-1)).cpu().numpy().astype(np.float64))
         rows.append(np.asarray(batch["index"]))
+        if bones is not None:
+            visibility.append(discrete_visibility(logits, seg_logits, bones).cpu().numpy())
+            segmentation.append(seg_logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
     if not np.array_equal(np.concatenate(rows), truth.rows):
         raise RuntimeError("predictions came back in another order than the store rows")
-    return Predictions(run.name, truth, np.concatenate(predicted), peak_probability=np.concatenate(peaks))
+    seen = np.concatenate(visibility) if visibility else None
+    return Predictions(
+        run.name,
+        truth,
+        np.concatenate(predicted),
+        peak_probability=np.concatenate(peaks),
+        present=None if seen is None else seen > 0,
+        visibility=seen,
+        segmentation=np.concatenate(segmentation) if segmentation else None,
+    )

@@ -15,7 +15,9 @@ What is written into OUT
     (see :mod:`pelmark.evaluate.pose`); ``table1_ci.csv``,
     ``comparison.csv`` and ``robust.csv`` (bootstrap intervals, paired
     comparisons with the first run, robust error figures; see
-    :mod:`pelmark.evaluate.stat_tables`); the figures of
+    :mod:`pelmark.evaluate.stat_tables`); ``visibility.csv`` (each model's
+    calls of which landmarks are present, and the Dice of a predicted
+    segmentation; see :mod:`pelmark.evaluate.visibility`); the figures of
     :mod:`pelmark.evaluate.figures`; ``summary.json`` with all of it, the
     landmark behind each ``Lk`` column, invisible-landmark counts, run
     statuses and the store's fingerprint.
@@ -79,6 +81,12 @@ from pelmark.evaluate.tables import (
     write_pose_summary,
 )
 from pelmark.evaluate.units import Unit
+from pelmark.evaluate.visibility import (
+    PresenceRule,
+    validation_rule,
+    visibility_rows,
+    write_visibility,
+)
 from pelmark.synth.poses import Split
 from pelmark.synth.store import check_complete, git_revision, now_utc, open_store, package_versions
 from pelmark.train.checkpoint import TrainedRun, load_run
@@ -171,6 +179,8 @@ class EvalReport:
         intervals: the rows of ``table1_ci.csv``.
         comparison: the rows of ``comparison.csv``.
         robust: the rows of ``robust.csv``.
+        visibility: the rows of ``visibility.csv``.
+        classes: the store's bone classes (the ``dice_<class>`` columns); () without labels.
     """
 
     out: Path
@@ -184,6 +194,8 @@ class EvalReport:
     intervals: tuple[dict[str, Any], ...] = ()
     comparison: tuple[dict[str, Any], ...] = ()
     robust: tuple[dict[str, Any], ...] = ()
+    visibility: tuple[dict[str, Any], ...] = ()
+    classes: tuple[str, ...] = ()
 
     @property
     def table1(self) -> tuple[TableRow, ...]:
@@ -433,6 +445,19 @@ def _evaluate(
     write_rows(folder / ROBUST_FILE, ROBUST_FIELDS, robust_figures)
     files += [CI_FILE, COMPARISON_FILE, ROBUST_FILE]
 
+    # Visibility: each run's own calls (seg-informed), or a threshold on its peaks chosen on its validation images.
+    classes = tuple(attrs.get("classes", ()))
+    rules: dict[str, PresenceRule] = {}
+    for run in runs:
+        if run.status is RunStatus.DIV:
+            continue
+        own = bool(run.info.get("model_spec", {}).get("segmentation_classes"))
+        rules[run.name] = PresenceRule(own=True) if own else validation_rule(run, store, settings.batch_size, settings.workers)
+    shown_runs = [(pred, rules[name]) for split, name, status, pred in raw if pred is not None and name in rules]
+    visibility = visibility_rows(shown_runs, group, classes)
+    write_visibility(folder / "visibility.csv", visibility, classes)
+    files.append("visibility.csv")
+
     for split in splits:
         shown = [p for p in predictions if p.truth.split is split]
         write_samples(folder / f"samples_{split.label}.png", group, base[split], shown, settings.samples)
@@ -446,6 +471,12 @@ def _evaluate(
     summary = _summary(runs, store, attrs, landmark_names, base, reference, rows, pose_rows, settings)
     summary["statistics"] = statistics_summary(draws, runs[0].name, ci_rows, compared, robust_figures, settings.seed)
     summary["refine"] = refine_summary(refinements, settings.refine)
+    summary["visibility"] = {
+        "file": "visibility.csv",
+        "classes": list(classes),
+        "rules": {name: rule.describe() for name, rule in rules.items()},
+        "rows": visibility,
+    }
     summary["notes"] = list(notes)
     (folder / "summary.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     files.append("summary.json")
@@ -461,6 +492,8 @@ def _evaluate(
         intervals=tuple(ci_rows),
         comparison=tuple(compared),
         robust=tuple(robust_figures),
+        visibility=tuple(visibility),
+        classes=classes,
     )
 
 

@@ -361,6 +361,11 @@ def eval_(
             " (paired bootstrap, 95% CI, two-sided p):"
         )
         typer.echo(format_comparison(report.comparison))
+    if report.visibility:
+        from pelmark.evaluate.visibility import visibility_text
+
+        typer.echo("\nVisibility (%) of each landmark, the RMSE over landmarks both truly and predictedly present, Dice:")
+        typer.echo(visibility_text(list(report.visibility), report.classes))
     for note in report.notes:
         typer.echo(f"note: {note}")
     names = ", ".join(f"L{i + 1}={name}" for i, name in enumerate(report.landmark_names))

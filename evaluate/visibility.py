@@ -1,0 +1,205 @@
+"""Visibility and segmentation metrics of ``pelmark eval`` (``visibility.csv``): does a model know which landmarks are there?
+
+At the paper's ±45° / ±50 mm poses some landmarks (the ASIS most often) leave
+a 30 cm detector, and a model that always puts every landmark somewhere
+makes false landmarks. For every model and split:
+
+present
+    A segmentation-informed model says itself which landmarks are present
+    (seed 003's v̂ > 0, see :mod:`pelmark.train.seg_informed`). For a model
+    without a visibility output, a landmark is present when the sigmoid of its
+    heatmap's peak reaches a threshold chosen on the run's own validation
+    images (the train-split images the run held out, by its ``val_fraction``
+    and ``seed``): the threshold with the best visibility accuracy there
+    (the lowest such, on a tie). A store without those images falls back to 0.5.
+accuracy, precision, recall
+    Over every (image, landmark) pair: accuracy of "present" against the truth
+    (the landmark on the model's image), precision and recall of "present".
+rmse_both_present_px
+    Table 1's Mean (the mean over landmarks of each landmark's RMSE, model px),
+    over only the pairs that are both truly and predictedly present.
+dice_<class>
+    For a model with a segmentation output: Dice of each bone class against the
+    store's label maps (resized to the model's size by nearest neighbour, as in
+    training), pooled over the split's images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pelmark.evaluate.predict import Predictions, SplitTruth
+
+# The threshold of a model without a visibility output when the store has no validation images of its run.
+FALLBACK_THRESHOLD = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class PresenceRule:
+    """How a model's "present" calls are made: by the model itself, or by a threshold on its heatmap peaks."""
+
+    own: bool
+    threshold: float | None = None
+    source: str = ""
+
+    def describe(self) -> str:
+        return "model's visibility output" if self.own else f"peak sigmoid >= {self.threshold:.4g} ({self.source})"
+
+
+def choose_threshold(peak_probability: np.ndarray, visible: np.ndarray) -> float:
+    """The threshold t with the best accuracy of ``peak >= t`` against ``visible`` (the lowest such t).
+
+    The candidates are every peak value and 1 + ε (nothing present), so the best
+    split of the sorted peaks is found exactly.
+    """
+    peaks = np.asarray(peak_probability, dtype=np.float64).ravel()
+    truth = np.asarray(visible, dtype=bool).ravel()
+    if peaks.size == 0:
+        return FALLBACK_THRESHOLD
+    candidates = np.append(np.unique(peaks), np.nextafter(1.0, 2.0))
+    order = np.argsort(peaks)
+    sorted_peaks, sorted_truth = peaks[order], truth[order]
+    # Below candidate t: the pairs with peak < t are called absent.
+    below = np.searchsorted(sorted_peaks, candidates, side="left")
+    absent_below = np.concatenate([[0], np.cumsum(~sorted_truth)])[below]
+    present_from = truth.sum() - np.concatenate([[0], np.cumsum(sorted_truth)])[below]
+    correct = absent_below + present_from
+    return float(candidates[int(np.argmax(correct))])
+
+
+def validation_rule(run, store: Path, batch_size: int, workers: int) -> PresenceRule:
+    """The presence rule of a run without a visibility output: a threshold chosen on its validation images."""
+    from pelmark.evaluate.predict import predict_split, read_truth, split_rows
+    from pelmark.synth.poses import Split
+    from pelmark.synth.store import open_store
+    from pelmark.train.loop import split_validation
+
+    rows = split_rows(open_store(store), Split.TRAIN)
+    if len(rows) < 2 or run.config.val_fraction <= 0:
+        return PresenceRule(own=False, threshold=FALLBACK_THRESHOLD, source="no validation images: fixed")
+    _, val_rows = split_validation(rows, run.config.val_fraction, run.config.seed)
+    truth = read_truth(store, Split.TRAIN, run.config.size)
+    keep = np.isin(truth.rows, val_rows)
+    subset = dataclasses.replace(
+        truth,
+        rows=truth.rows[keep],
+        subject_ids=truth.subject_ids[keep],
+        true_px=truth.true_px[keep],
+        visible=truth.visible[keep],
+        poses=truth.poses[keep],
+        landmarks_3d=truth.landmarks_3d[keep],
+    )
+    pred = predict_split(run, store, subset, batch_size, workers, progress=False)
+    threshold = choose_threshold(pred.peak_probability, subset.visible)
+    return PresenceRule(own=False, threshold=threshold, source=f"chosen on {subset.n_images} validation images")
+
+
+def presence(pred: Predictions, rule: PresenceRule) -> np.ndarray:
+    """(N, L) the predicted "present" calls of ``pred`` under ``rule``."""
+    if rule.own:
+        return np.asarray(pred.present, dtype=bool)
+    return np.asarray(pred.peak_probability) >= rule.threshold
+
+
+def visibility_metrics(pred: Predictions, present: np.ndarray) -> dict[str, float]:
+    """Accuracy, precision and recall of ``present`` against the truth, and the RMSE over both-present pairs."""
+    truth = pred.truth.visible
+    tp = int((present & truth).sum())
+    fp = int((present & ~truth).sum())
+    fn = int((~present & truth).sum())
+    both = present & truth
+    distance2 = np.square(pred.predicted_px - pred.truth.true_px).sum(-1)
+    per_landmark = [np.sqrt(distance2[both[:, l], l].mean()) for l in range(truth.shape[1]) if both[:, l].any()]
+    return {
+        "accuracy": float((present == truth).mean()),
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "true_present": int(truth.sum()),
+        "predicted_present": int(present.sum()),
+        "rmse_both_present_px": float(np.mean(per_landmark)) if per_landmark else float("nan"),
+        "n_both_present": int(both.sum()),
+    }
+
+
+def true_labels(group, truth: SplitTruth) -> np.ndarray | None:
+    """(N, S, S) the store's label maps of ``truth``'s images at model size (nearest at pixel centres); None without labels."""
+    if "segmentation" not in group:
+        return None
+    size = truth.size
+    labels = torch.from_numpy(np.stack([np.asarray(group["segmentation"][int(row)]) for row in truth.rows]))
+    if labels.shape[-2:] != (size, size):
+        labels = torch.nn.functional.interpolate(labels[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0]
+    return labels.to(torch.uint8).numpy()
+
+
+def dice_per_class(predicted: np.ndarray, labels: np.ndarray, n_classes: int) -> list[float]:
+    """Dice of classes 1..n pooled over images: 2|P ∩ T| / (|P| + |T|), NaN where both are empty."""
+    scores = []
+    for k in range(1, n_classes + 1):
+        p, t = predicted == k, labels == k
+        total = int(p.sum()) + int(t.sum())
+        scores.append(2.0 * int((p & t).sum()) / total if total else float("nan"))
+    return scores
+
+
+def visibility_fields(classes: tuple[str, ...]) -> tuple[str, ...]:
+    return (
+        "split", "model", "presence", "accuracy", "precision", "recall", "true_present", "predicted_present",
+        "rmse_both_present_px", "n_both_present", *(f"dice_{c}" for c in classes),
+    )  # fmt: skip
+
+
+def visibility_rows(
+    entries: list[tuple[Predictions, PresenceRule]], group, classes: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """One row per (prediction, rule): the metrics of the module docstring."""
+    labels: dict[tuple[str, int], np.ndarray | None] = {}
+    rows = []
+    for pred, rule in entries:
+        row: dict[str, Any] = {"split": pred.truth.split.label, "model": pred.model, "presence": rule.describe()}
+        row.update(visibility_metrics(pred, presence(pred, rule)))
+        if pred.segmentation is not None and classes:
+            key = (pred.truth.split.label, pred.truth.size)
+            if key not in labels:
+                labels[key] = true_labels(group, pred.truth)
+            if labels[key] is not None:
+                row.update({f"dice_{c}": d for c, d in zip(classes, dice_per_class(pred.segmentation, labels[key], len(classes)))})
+        rows.append(row)
+    return rows
+
+
+def write_visibility(path: Path, rows: list[dict[str, Any]], classes: tuple[str, ...]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, visibility_fields(classes), restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def visibility_text(rows: list[dict[str, Any]], classes: tuple[str, ...]) -> str:
+    """The rows as an aligned table for the terminal (accuracy, precision, recall in %, RMSE in model px, Dice)."""
+    header = ["split", "model", "vis.acc", "prec", "recall", "RMSE both", *(f"Dice {c}" for c in classes)]
+    lines = [header]
+    for row in rows:
+        cells = [row["split"], row["model"]]
+        cells += [_pct(row.get(k)) for k in ("accuracy", "precision", "recall")]
+        cells.append(_num(row.get("rmse_both_present_px")))
+        cells += [_num(row.get(f"dice_{c}"), 3) for c in classes]
+        lines.append(cells)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines)
+
+
+def _pct(value: Any) -> str:
+    return "" if value is None or not np.isfinite(value) else f"{100.0 * value:.1f}"
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return "" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"

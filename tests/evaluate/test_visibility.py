@@ -1,0 +1,118 @@
+"""Visibility metrics of pelmark eval: the threshold, accuracy / precision / recall, both-present RMSE, Dice, and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cohort_fixtures import BONE_CLASSES, write_bead_store
+from pelmark.cli import app
+from pelmark.evaluate.predict import Predictions, SplitTruth
+from pelmark.evaluate.visibility import (
+    PresenceRule,
+    choose_threshold,
+    dice_per_class,
+    presence,
+    visibility_metrics,
+)
+from pelmark.geometry import Camera
+from pelmark.synth.poses import Split
+from pelmark.train.config import Strategy, resolve_config
+from pelmark.train.loop import train
+
+CAMERA = Camera.centered(32, 32, spacing_mm=2.0)
+
+
+def _predictions(true_px, visible, predicted_px, peaks=None, present=None) -> Predictions:
+    n, l = np.asarray(visible).shape
+    truth = SplitTruth(
+        split=Split.NOVEL_SUBJECT,
+        rows=np.arange(n),
+        subject_ids=np.array(["s"] * n, dtype=object),
+        true_px=np.asarray(true_px, dtype=np.float64),
+        visible=np.asarray(visible, dtype=bool),
+        poses=np.zeros((n, 6)),
+        landmarks_3d=np.zeros((n, l, 3)),
+        model_camera=CAMERA,
+        store_camera=CAMERA,
+    )
+    return Predictions("m", truth, np.asarray(predicted_px, dtype=np.float64), peaks, present=present)
+
+
+def test_the_threshold_is_the_best_split_of_the_validation_peaks():
+    # Peaks of absent landmarks 0.1, 0.3; of present ones 0.2, 0.6, 0.9. Calling >= 0.6 present gets 4 of 5;
+    # >= 0.2 also gets 4 of 5 (0.3 wrong), and is the lower: ties go to the lowest threshold.
+    peaks = np.array([0.1, 0.3, 0.2, 0.6, 0.9])
+    visible = np.array([False, False, True, True, True])
+    assert choose_threshold(peaks, visible) == pytest.approx(0.2)
+    # Separable peaks: the threshold is the lowest present peak.
+    assert choose_threshold(np.array([0.1, 0.2, 0.7, 0.8]), np.array([False, False, True, True])) == pytest.approx(0.7)
+    # Nothing present: a threshold above every peak.
+    assert choose_threshold(np.array([0.4, 0.9]), np.array([False, False])) > 1.0
+
+
+def test_accuracy_precision_recall_and_rmse_over_both_present_by_hand():
+    # 2 images x 2 landmarks. Truth: (present, present), (present, absent).
+    true_px = [[[0, 0], [10, 10]], [[5, 5], [0, 0]]]
+    visible = [[True, True], [True, False]]
+    # Predictions 3 px off for landmark 0 in image 0 and 4 px for landmark 1 in image 0; 5 px for landmark 0 in image 1.
+    predicted = [[[3, 0], [10, 14]], [[5, 10], [20, 20]]]
+    # Calls: image 0 (present, absent), image 1 (present, present): one false negative, one false positive.
+    present = np.array([[True, False], [True, True]])
+    pred = _predictions(true_px, visible, predicted, present=present)
+    metrics = visibility_metrics(pred, presence(pred, PresenceRule(own=True)))
+    assert metrics["accuracy"] == pytest.approx(2 / 4)
+    assert metrics["precision"] == pytest.approx(2 / 3)  # TP 2 (landmark 0 twice), FP 1
+    assert metrics["recall"] == pytest.approx(2 / 3)  # FN 1 (landmark 1 of image 0)
+    # Both present: landmark 0 in both images (3 and 5 px): RMSE sqrt((9 + 25) / 2); landmark 1 never.
+    assert metrics["rmse_both_present_px"] == pytest.approx(math.sqrt(17.0))
+    assert metrics["n_both_present"] == 2
+    # By threshold, for a model without a visibility output.
+    peaks = np.array([[0.9, 0.2], [0.8, 0.7]])
+    thresholded = presence(_predictions(true_px, visible, predicted, peaks=peaks), PresenceRule(own=False, threshold=0.5))
+    np.testing.assert_array_equal(thresholded, present)
+
+
+def test_dice_per_class_by_hand():
+    predicted = np.array([[[0, 1, 1, 2]]])
+    labels = np.array([[[0, 1, 2, 2]]])
+    # Class 1: |P| 2, |T| 1, overlap 1 -> 2/3. Class 2: |P| 1, |T| 2, overlap 1 -> 2/3. Class 3: both empty -> NaN.
+    scores = dice_per_class(predicted, labels, 3)
+    assert scores[:2] == pytest.approx([2 / 3, 2 / 3]) and math.isnan(scores[2])
+
+
+TINY = dict(size=32, encoder="resnet18", encoder_depth=3, batch_size=2, workers=0, device="cpu", checkpoint_every=1, lr=1e-3, epochs=1)
+
+
+@pytest.mark.slow
+def test_eval_reports_visibility_for_every_model_and_dice_for_seg_informed(tmp_path):
+    store = write_bead_store(tmp_path / "cohort", bones=True)
+    train(resolve_config(Strategy.BASELINE, {}, TINY), store, tmp_path / "baseline", progress=False)
+    train(resolve_config(Strategy.SEG_INFORMED, {}, TINY), store, tmp_path / "seg-informed", progress=False)
+    result = CliRunner().invoke(
+        app,
+        ["eval", str(tmp_path / "baseline"), str(tmp_path / "seg-informed"), "--store", str(store), "--out", str(tmp_path / "eval"),
+         "--workers", "0", "--device", "cpu", "--bootstrap", "20", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Visibility" in result.output
+    with open(tmp_path / "eval" / "visibility.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_model = {(r["split"], r["model"]): r for r in rows}
+    assert set(by_model) == {(s, m) for s in ("novel_view", "novel_subject") for m in ("baseline", "seg-informed")}
+    assert "validation images" in by_model["novel_subject", "baseline"]["presence"]
+    assert by_model["novel_subject", "seg-informed"]["presence"] == "model's visibility output"
+    for row in rows:
+        assert 0.0 <= float(row["accuracy"]) <= 1.0
+    assert all(by_model["novel_subject", "baseline"][f"dice_{c}"] == "" for c in BONE_CLASSES)
+    assert all(0.0 <= float(by_model["novel_subject", "seg-informed"][f"dice_{c}"]) <= 1.0 for c in BONE_CLASSES)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["visibility"]["classes"] == list(BONE_CLASSES)
+    table = (tmp_path / "eval" / "table1.csv").read_text()
+    assert "seg-informed" in table
