@@ -136,3 +136,32 @@ def test_a_store_without_labels_keeps_its_fingerprint(tmp_path):
     assert store_mod.fingerprint({}, ["A"], records) == store_mod.fingerprint({}, ["A"], [{**records[0], "ct": "elsewhere"}])
     labelled = [{**records[0], "segmentation_sha256": "z"}]
     assert store_mod.fingerprint({}, ["A"], labelled) != store_mod.fingerprint({}, ["A"], records)
+
+
+def test_the_phantom_labels_its_six_bones_and_projects_them_at_their_landmarks():
+    """The phantom's label volume holds the six classes on bone voxels, and at the AP view the pixel of each
+    hemipelvis landmark away from the midline (ASIS, IOF, MOF) projects onto that side's hemipelvis."""
+    from pelmark.landmark_sets import PAPER_LANDMARKS, SEED003_CLASSES
+    from pelmark.synth.phantom.cohort import CohortSettings, make_subject
+
+    subject = make_subject(CohortSettings(n_subjects=1, seed=5, spacing_mm=5.0), 0)
+    ct, labels = subject.ct, subject.labels
+    assert labels.shape == ct.shape and set(np.unique(labels)) == set(range(len(SEED003_CLASSES) + 1))
+    assert ct.hu[labels > 0].mean() > 300.0 and ct.hu[labels == 0].mean() < 100.0
+    camera = Camera.centered(96, 96, sdd_mm=1020.0, spacing_mm=4.656, sid_mm=850.0)  # 45 cm: the whole pelvis
+    renderer = DRRRenderer(ct, camera, RenderSettings())
+    pose = np.zeros(6)
+    paths = renderer.render_labels(pose[None], label_volumes(labels, ct, renderer.settings, renderer.block, 6))[0]
+    label_map = labels_from_paths(paths, 1.0).numpy()
+    points_world = torch.from_numpy(ct.ras_to_world(subject.landmarks_ras))
+    px = geometry.project(points_world[None], torch.from_numpy(pose)[None], camera)[0].numpy()
+    checked = 0
+    for name, (x, y) in zip(PAPER_LANDMARKS, px):
+        if name in ("SPS", "IPS"):
+            continue
+        checked += 1
+        assert 1 <= x <= 94 and 1 <= y <= 94, f"{name} is off the detector"
+        expected = SEED003_CLASSES.index("hemipelvis-" + name[-1]) + 1
+        window = label_map[int(round(y)) - 1 : int(round(y)) + 2, int(round(x)) - 1 : int(round(x)) + 2]
+        assert (window == expected).any(), f"{name}: labels {window.tolist()} around its pixel"
+    assert checked == 6
