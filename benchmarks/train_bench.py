@@ -5,9 +5,10 @@ Measures in one run, on the same machine and store:
 1. model: images per second of full training steps (forward, BCE, backward,
    Adam) of the U-Net at ``--size``, on batches already in memory;
 2. data: images per second of the DataLoader alone (``--workers`` processes):
-   Zarr chunk read, resize to ``--size``, normalisation and heatmap targets,
-   as the trainer streams them. ``data_over_model`` must be at least 3: the
-   data pipeline is then never the bottleneck;
+   Zarr chunk read, resize to ``--size``, normalisation and, on CPU, heatmap
+   targets, as the trainer streams them (on CUDA the trainer draws the targets
+   on the device, inside the step of 1.). ``data_over_model`` must be at least 3:
+   the data pipeline is then never the bottleneck;
 3. PEL: the time of a composite step (BCE + PEL: soft-argmax, LM registration,
    implicit backward) against a baseline step; ``pel_share`` is the extra
    time over the composite step's time;
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model, as pelmark train --compile")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,13 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
         config = TrainConfig(
             strategy=Strategy.COMPOSITE, size=args.size, encoder=args.encoder, encoder_depth=args.encoder_depth,
             batch_size=args.batch_size, workers=args.workers, device=args.device, val_fraction=0.0,
-            divergence_factor=1e30,
+            divergence_factor=1e30, compile=args.compile,
         )
         device = resolve_device(args.device)
         trainer = Trainer(config, store, Path(tmp) / "run", Distributed(0, 1, device), progress=False)
 
         # Data pipeline alone: every image of the store once per pass, two passes after a warm-up batch.
-        dataset = StoreDataset(store, DataSettings(size=args.size, seed=0))
+        dataset = StoreDataset(store, DataSettings(size=args.size, seed=0, targets=not trainer.targets_on_device))
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, drop_last=False)
         images, start = 0, None
         for i, batch in enumerate(loader):
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         "encoder": f"{args.encoder}/depth{args.encoder_depth}",
         "batch_size": args.batch_size,
         "workers": args.workers,
+        "compile": args.compile,
         "model_images_per_s": round(model_ips, 3),
         "data_images_per_s": round(data_ips, 3),
         "data_over_model": round(data_ips / model_ips, 2),

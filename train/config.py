@@ -118,6 +118,8 @@ class TrainConfig:
         seed: seeds the weights, the data order and the augmentation (paper 42).
         workers: DataLoader worker processes.
         device: auto (CUDA if present), cpu, cuda or cuda:N.
+        compile: ``torch.compile`` the model for the training steps (the first steps are slower
+            while it compiles; needs a C++ compiler on CPU). Off by default.
         checkpoint_every: also write ``last`` every this many steps (0 = at epoch ends only).
         divergence_factor: a loss above this multiple of the mean of the first steps' losses is divergence.
         divergence_warmup: steps whose losses set that reference.
@@ -158,12 +160,13 @@ class TrainConfig:
     seed: int = 42
     workers: int = 2
     device: str = "auto"
+    compile: bool = False
     checkpoint_every: int = 50
     divergence_factor: float = 1000.0
     divergence_warmup: int = 10
 
     # Settings that change how a run executes but not what it computes (a resume may change them).
-    RUNTIME_FIELDS = ("workers", "device", "checkpoint_every")
+    RUNTIME_FIELDS = ("workers", "device", "compile", "checkpoint_every")
     # What a resume may change: the runtime settings, and the run's length (to extend it).
     RESUMABLE_FIELDS = (*RUNTIME_FIELDS, "epochs", "max_steps")
 

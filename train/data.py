@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ class DataSettings:
         contrast_range: range of the contrast factor about the image mean.
         noise_std: standard deviation of additive Gaussian noise (0 = none).
         seed: root seed of the augmentation.
-        targets: build the heatmap targets (evaluation needs none; they cost ~0.1 s per 512² image).
+        targets: build the heatmap targets (evaluation needs none; the trainer draws them on the
+            device instead when it runs on CUDA).
     """
 
     size: int = 512
@@ -153,28 +155,60 @@ def normalise_image(image: Tensor) -> Tensor:
     return (image - low) / span
 
 
+# exp(-d²/2σ²) rounds to 0 in float32 (below half its smallest subnormal, 2^-150) beyond d = 14.43 σ.
+_GAUSSIAN_REACH_SIGMAS = 14.5
+
+
 def heatmap_targets(
     landmarks_px: Tensor, visible: Tensor, height: int, width: int, settings: DataSettings
 ) -> Tensor:
-    """(L, height, width) float32 targets; invisible landmarks get all zeros.
+    """(..., L, height, width) float32 targets, on the landmarks' device; invisible landmarks get all zeros.
 
     A disk is 1 where a pixel centre lies more than half a pixel inside the
     circle, 0 more than half a pixel outside, and linear in between (about the
     pixel's area coverage), so its mass is close to pi r^2 and its centroid
-    follows sub-pixel landmark positions.
+    follows sub-pixel landmark positions. A Gaussian is exp(-d²/2σ²), peak 1.
+
+    Each map is computed only on the square window around its landmark outside
+    which it is 0 in float32 (radius r + 1/2 for a disk, 14.5 σ for a Gaussian),
+    in float64 from the same formula at the same pixel centres, and then written
+    into zeros: the maps are those of the whole image, value for value, at a
+    small part of the cost (and batched over any leading dimensions).
+
+    Args:
+        landmarks_px: (..., L, 2) x = column, y = row.
+        visible: (..., L) bool.
+        height, width: size of the maps.
+        settings: the target kind and its radius or sigma.
     """
-    rows = torch.arange(height, dtype=torch.float64)[:, None]
-    cols = torch.arange(width, dtype=torch.float64)[None, :]
+    device = landmarks_px.device
     points = landmarks_px.to(torch.float64)
-    dx = cols[None] - points[:, 0, None, None]
-    dy = rows[None] - points[:, 1, None, None]
-    dist2 = dx.square() + dy.square()
+    finite = torch.isfinite(points).all(-1)
+    points = torch.where(finite[..., None], points, 0.0)
+    shape = points.shape[:-1]
+    if settings.target is TargetKind.DISK:
+        reach = math.ceil(settings.disk_radius_px + 0.5)
+    else:
+        reach = math.ceil(_GAUSSIAN_REACH_SIGMAS * settings.gaussian_sigma_px)
+    # The window starts `reach` before the landmark's pixel, shifted to lie inside the image
+    # (which keeps every pixel of the image within reach of the landmark in it).
+    window_h, window_w = min(2 * reach + 2, height), min(2 * reach + 2, width)
+    top = (points[..., 1].floor().clamp(-(2**31), 2**31) - reach).long().clamp(0, height - window_h)
+    left = (points[..., 0].floor().clamp(-(2**31), 2**31) - reach).long().clamp(0, width - window_w)
+    rows = top[..., None] + torch.arange(window_h, device=device)  # (..., L, Kh)
+    cols = left[..., None] + torch.arange(window_w, device=device)  # (..., L, Kw)
+    dy = rows.to(torch.float64) - points[..., 1, None]
+    dx = cols.to(torch.float64) - points[..., 0, None]
+    dist2 = dx[..., None, :].square() + dy[..., :, None].square()
     if settings.target is TargetKind.DISK:
         maps = (settings.disk_radius_px + 0.5 - dist2.sqrt()).clamp(0.0, 1.0)
     else:
         maps = torch.exp(-dist2 / (2.0 * settings.gaussian_sigma_px**2))
-    maps = maps * visible.to(maps.dtype)[:, None, None]
-    return maps.to(torch.float32)
+    maps = (maps * (visible & finite).to(maps.dtype)[..., None, None]).to(torch.float32)
+    index = (rows[..., :, None] * width + cols[..., None, :]).reshape(-1, window_h * window_w)
+    out = torch.zeros(index.shape[0], height * width, dtype=torch.float32, device=device)
+    out.scatter_(1, index, maps.reshape(index.shape))
+    return out.reshape(*shape, height, width)
 
 
 @dataclasses.dataclass(frozen=True)

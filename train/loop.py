@@ -60,7 +60,7 @@ from pelmark.train.checkpoint import (
     write_run_json,
 )
 from pelmark.train.config import RunStatus, Schedule, SoftArgmax, Strategy, TrainConfig
-from pelmark.train.data import CropParams, DataSettings, StoreDataset
+from pelmark.train.data import CropParams, DataSettings, StoreDataset, heatmap_targets
 from pelmark.train.losses import pel_term, segmentation_loss, spatial_softmax_loss
 from pelmark.train.metrics import landmark_rmse, mean_rmse
 from pelmark.train.model import ModelSpec, build_model, hard_argmax
@@ -226,7 +226,11 @@ class Trainer:
         if len(train_rows) < dist.world:
             raise PelmarkError(f"{len(train_rows)} training images cannot feed {dist.world} processes", store)
         self.data_settings = dataclasses.replace(data, augment=config.augment)
-        self.train_set = StoreDataset(store, self.data_settings, indices=train_rows)
+        # On CUDA the heatmap targets are drawn on the device, for the whole batch at once (see
+        # _targets): the workers then neither build nor collate and pin 4 bytes x landmarks x size².
+        self.targets_on_device = dist.device.type == "cuda"
+        worker_settings = dataclasses.replace(self.data_settings, targets=not self.targets_on_device)
+        self.train_set = StoreDataset(store, worker_settings, indices=train_rows)
         self.val_set = StoreDataset(store, dataclasses.replace(data, targets=False), indices=val_rows) if len(val_rows) else None
         # The training images as they are, for BatchNorm's statistics (see recalibrate_batchnorm).
         self.calibration_set = StoreDataset(store, dataclasses.replace(data, targets=False), indices=train_rows)
@@ -248,6 +252,11 @@ class Trainer:
         # Which label values are each landmark's bones (seg-informed's visibility loss).
         self.landmark_bones = torch.tensor(landmark_bone_matrix(self.landmark_names, self.classes)) if self.classes else None
         self.model = build_model(self.spec).to(dist.device)
+        if dist.device.type == "cuda":
+            # Tensor cores run convolutions in NHWC; cuDNN picks the fastest kernels for the run's one input size.
+            # (A 1-channel NCHW image is already NHWC: only the weights and activations change layout.)
+            torch.backends.cudnn.benchmark = True
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, config.warmup_steps, config.schedule)
@@ -256,6 +265,10 @@ class Trainer:
         if dist.world > 1:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if config.compile:
+            # Only the training steps use the compiled module; checkpoints, validation and
+            # BatchNorm recalibration use the plain model, whose weights it shares.
+            self.net = torch.compile(self.net)
         self.state = _State()
 
     # ------------------------------------------------------------ state
@@ -349,14 +362,15 @@ class Trainer:
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The strategy's loss on one (micro-)batch, and its parts for the log."""
         config, device = self.config, self.dist.device
-        images = batch["image"].to(device, non_blocking=True)
+        # From pinned memory (CUDA) the copies run while the host goes on queueing kernels.
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = self.net(images)
+            logits = self.net(batch["image"])
         logits = logits.float()
         row: dict[str, Any] = {}
         loss = logits.new_zeros(())
         if config.bce > 0:
-            targets = batch["heatmap_target"].to(device)
+            targets = self._targets(batch)
             seg = segmentation_loss(logits, targets, config.pos_weight)
             loss = loss + config.bce * seg
             row["seg_loss"] = float(seg.detach())
@@ -398,6 +412,18 @@ class Trainer:
                 row["pel_logit_grad_norm"] = float(grad.norm())
         row["loss"] = float(loss.detach())
         return loss, row
+
+    def _targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's heatmap targets: from the workers, or drawn here on the device.
+
+        On the device they are drawn from the float32 ``landmarks_px`` of the batch, the
+        workers' from float64 ones: they differ by the float32 rounding of a pixel
+        coordinate (below 1e-4 px at 512²).
+        """
+        if not self.targets_on_device:
+            return batch["heatmap_target"]
+        size = self.config.size
+        return heatmap_targets(batch["landmarks_px"], batch["visible"], size, size, self.data_settings)
 
     def _agreed_loss(self, loss: torch.Tensor) -> float:
         """The mean loss over all processes, so every rank takes the same divergence decision."""
@@ -447,7 +473,7 @@ class Trainer:
             if len(batch["image"]) < 2:
                 continue
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda"):
-                self.model(batch["image"].to(self.dist.device))
+                self.model(batch["image"].to(self.dist.device, non_blocking=True))
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
 
@@ -462,7 +488,7 @@ class Trainer:
         batches = [positions[i : i + self.config.batch_size].tolist() for i in range(0, len(positions), self.config.batch_size)]
         for batch in self._batches(self.val_set, batches):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda"):
-                logits = self.model(batch["image"].to(self.dist.device))
+                logits = self.model(batch["image"].to(self.dist.device, non_blocking=True))
             predicted.append(hard_argmax(logits.float()[:, : len(self.landmark_names)]).cpu().numpy())
             true.append(batch["landmarks_px"].numpy())
             visible.append(batch["visible"].numpy())
@@ -605,7 +631,7 @@ def train(
 
     Args:
         config: the resolved config; when resuming it must equal the run's saved
-            config except for its runtime fields (workers, device, checkpoint_every),
+            config except for its runtime fields (workers, device, compile, checkpoint_every),
             ``epochs`` and ``max_steps``, which may extend the run.
         store: the synth store.
         run_dir: the run folder (created); not the store, nor the ``--init`` run.

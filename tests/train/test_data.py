@@ -223,6 +223,41 @@ def test_gaussian_target_peaks_at_landmark():
     torch.testing.assert_close(maps[0, 20, 12], torch.tensor(math.exp(-0.5), dtype=torch.float32))
 
 
+def _dense_targets(landmarks_px, visible, height, width, settings):
+    """The targets as pelmark built them before the windowed version: the formula on every pixel of one image."""
+    rows = torch.arange(height, dtype=torch.float64)[:, None]
+    cols = torch.arange(width, dtype=torch.float64)[None, :]
+    points = landmarks_px.to(torch.float64)
+    dx = cols[None] - points[:, 0, None, None]
+    dy = rows[None] - points[:, 1, None, None]
+    dist2 = dx.square() + dy.square()
+    if settings.target is TargetKind.DISK:
+        maps = (settings.disk_radius_px + 0.5 - dist2.sqrt()).clamp(0.0, 1.0)
+    else:
+        maps = torch.exp(-dist2 / (2.0 * settings.gaussian_sigma_px**2))
+    return (maps * visible.to(maps.dtype)[:, None, None]).to(torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kind, size, radius, sigma",
+    [(TargetKind.DISK, 64, 6.0, 3.0), (TargetKind.DISK, 40, 2.3, 3.0), (TargetKind.GAUSSIAN, 96, 6.0, 3.0),
+     (TargetKind.GAUSSIAN, 48, 6.0, 2.1), (TargetKind.GAUSSIAN, 24, 6.0, 5.0)],
+)  # fmt: skip
+def test_windowed_batched_targets_equal_the_whole_image_formula_bit_for_bit(kind, size, radius, sigma):
+    settings = DataSettings(size=size, target=kind, disk_radius_px=radius, gaussian_sigma_px=sigma)
+    generator = torch.Generator().manual_seed(size)
+    # Inside, on the border, just outside and far outside the image; a window wider than the image (sigma 5 at 24²).
+    points = torch.rand(3, 9, 2, dtype=torch.float64, generator=generator) * (size + 40) - 20
+    points[0, :4] = torch.tensor([[0.0, 0.0], [size - 1.0, size - 1.0], [-0.49, size - 0.51], [3.5, 1e6]])
+    visible = torch.rand(3, 9, generator=generator) > 0.2
+    batched = heatmap_targets(points, visible, size, size, settings)
+    assert batched.shape == (3, 9, size, size) and batched.dtype == torch.float32
+    for b in range(3):
+        one = heatmap_targets(points[b], visible[b], size, size, settings)
+        reference = _dense_targets(points[b], visible[b], size, size, settings)
+        assert torch.equal(one, reference) and torch.equal(batched[b], reference)
+
+
 def test_sample_targets_centred_on_landmarks(store):
     ds = StoreDataset(store, DataSettings(size=48, disk_radius_px=3.0))
     sample = ds[0]
