@@ -5,12 +5,20 @@ progress bar; several run as Dask tasks on a ``LocalCluster`` or on an existing
 ``dask.distributed`` scheduler (``--scheduler tcp://HOST:PORT``), where every
 worker must see the manifest's files and the store at the same paths (a shared
 file system). Each task writes only its own subject's chunks.
+
+Within a subject, a writer thread compresses and writes each rendered batch
+while the next one renders (:class:`StoreWriter`); the subject is marked done
+only after its last write, so a resumed run redoes exactly the subjects whose
+images might be missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +56,13 @@ class SynthReport:
     skipped_subjects: tuple[str, ...]
     n_images: int
     warnings: tuple[str, ...] = ()
+    rendered_images: int = 0
+    seconds: float = 0.0  # wall time of the rendering stage: CT loading, rendering and writes
+
+    @property
+    def drr_per_s(self) -> float:
+        """DRRs rendered and written per second of the rendering stage (0 when nothing was rendered)."""
+        return self.rendered_images / self.seconds if self.seconds > 0 else 0.0
 
 
 def _device(name: str):
@@ -57,6 +72,47 @@ def _device(name: str):
 
 
 # ---------------------------------------------------------------- one subject
+
+
+class StoreWriter:
+    """Writes batches into Zarr arrays on a background thread, in the order they are put.
+
+    Compression and file writes then overlap the rendering of the next batch. The
+    queue holds at most ``depth`` batches, which bounds the memory of rendered
+    images waiting to be written. Leaving the ``with`` block waits for every write;
+    a write's error is raised there (or at the next :meth:`put`), unless the block
+    is already raising.
+    """
+
+    def __init__(self, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pelmark-store-writer", daemon=True)
+
+    def __enter__(self) -> "StoreWriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if kind is None and self._error is not None:
+            raise self._error
+
+    def put(self, array, rows: slice, values: np.ndarray) -> None:
+        """Queue ``array[rows] = values``; blocks while ``depth`` batches wait."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((array, rows, values))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after an error, drain the queue without writing
+                array, rows, values = item
+                try:
+                    array[rows] = values
+                except BaseException as error:  # noqa: BLE001 - handed to the rendering thread
+                    self._error = error
 
 
 def subject_geometry(job: SubjectJob, settings: SynthSettings, landmarks_world: np.ndarray) -> dict[str, np.ndarray]:
@@ -110,16 +166,18 @@ def render_subject(
 
         n_classes = len(group.attrs["classes"])
         classes = label_volumes(load_labels(job.subject.segmentation).labels, ct, renderer.settings, renderer.block, n_classes)
-    for start in range(0, settings.views, settings.batch_size):
-        stop = min(start + settings.batch_size, settings.views)
-        batch = renderer.render(data["pose"][start:stop]).cpu().numpy()
-        images[rows.start + start : rows.start + stop] = batch.astype(layout.image_dtype)
-        if classes is not None:  # the same rays as the images: each pixel's bone with the longest path
-            paths = renderer.render_labels(data["pose"][start:stop], classes)
-            group["segmentation"][rows.start + start : rows.start + stop] = labels_from_paths(paths, LABEL_MIN_PATH_MM).cpu().numpy()
-        if on_images is not None:
-            on_images(stop - start)
-    store_mod.write_subject(group, layout, job.index, data)
+    with StoreWriter() as writer:
+        for start in range(0, settings.views, settings.batch_size):
+            stop = min(start + settings.batch_size, settings.views)
+            store_rows = slice(rows.start + start, rows.start + stop)
+            batch = renderer.render(data["pose"][start:stop]).cpu().numpy()
+            writer.put(images, store_rows, batch.astype(layout.image_dtype))
+            if classes is not None:  # the same rays as the images: each pixel's bone with the longest path
+                paths = renderer.render_labels(data["pose"][start:stop], classes)
+                writer.put(group["segmentation"], store_rows, labels_from_paths(paths, LABEL_MIN_PATH_MM).cpu().numpy())
+            if on_images is not None:
+                on_images(stop - start)
+    store_mod.write_subject(group, layout, job.index, data)  # after the last image write: marks the subject done
     return job.subject.id
 
 
@@ -335,7 +393,9 @@ def run_synth(
             if not done[i]
         ]
         skipped = tuple(s.id for i, s in enumerate(manifest.subjects) if done[i])
+        started = time.perf_counter()
         _run_jobs(str(out), jobs, settings, progress)
+        seconds = time.perf_counter() - started
         group.attrs["complete"] = bool(store_mod.done_subjects(group).all())
         group.attrs["finished"] = store_mod.now_utc()
         warnings = unseen_subjects(group, [s.id for s in manifest.subjects], settings.views)
@@ -345,6 +405,8 @@ def run_synth(
         skipped_subjects=skipped,
         n_images=len(manifest.subjects) * settings.views,
         warnings=warnings,
+        rendered_images=len(jobs) * settings.views,
+        seconds=seconds,
     )
 
 
@@ -369,7 +431,14 @@ def _run_jobs(store_path: str, jobs: list[SubjectJob], settings: SynthSettings, 
 
     if not jobs:
         return
-    bar = tqdm(total=len(jobs) * settings.views, desc="rendering", unit="DRR", disable=not progress)
+    bar = tqdm(
+        total=len(jobs) * settings.views,
+        desc="rendering",
+        unit="DRR",
+        disable=not progress,
+        # DRR/s always: tqdm would switch to s/DRR below one DRR per second.
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]",
+    )
     try:
         if settings.scheduler == "sync" or (settings.scheduler == "local" and settings.workers == 1):
             for job in jobs:
