@@ -187,8 +187,9 @@ def synth_run(
         workers=workers, threads=threads, compile=compile_renderer,
     )
     report = run_synth(manifest, out, overrides, overwrite=overwrite, progress=progress)
+    rate = f" ({report.rendered_images} DRRs in {report.seconds:.1f} s, {report.drr_per_s:.2f} DRR/s)" if report.rendered_images else ""
     typer.echo(
-        f"{report.store}: {report.n_images} images; rendered {len(report.rendered_subjects)} subjects, "
+        f"{report.store}: {report.n_images} images; rendered {len(report.rendered_subjects)} subjects{rate}, "
         f"{len(report.skipped_subjects)} already done"
     )
     for warning in report.warnings:
@@ -258,6 +259,12 @@ def train(
     seed: Optional[int] = typer.Option(None, show_default="42", help="Seed of weights, order and augmentation."),
     workers: Optional[int] = typer.Option(None, show_default="2", help="DataLoader worker processes."),
     device: Optional[str] = typer.Option(None, show_default="auto", help="auto, cpu, cuda or cuda:N."),
+    compile_model: Optional[bool] = typer.Option(
+        None,
+        "--compile/--no-compile",
+        show_default="no-compile",
+        help="torch.compile the model: faster steps on a GPU after a slower start; needs a C++ compiler on CPU.",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     auto_resume: bool = typer.Option(
         False, "--auto-resume", help="Start, or resume an unfinished run in --out; a finished run is left as it is."
@@ -283,6 +290,7 @@ def train(
         init=None if init is None else str(init), pos_weight=pos_weight, pel_weight=pel_weight, bce_weight=bce_weight, softmax_weight=softmax_weight,
         pose_loss=pose_loss, soft_argmax=soft_argmax, soft_argmax_radius=soft_argmax_radius, warmup_steps=warmup_steps,
         schedule=schedule, solver=solver, temperature=temperature, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
+        compile=compile_model,
     )
     resolved = resolve_config(strategy, table, overrides, config)
     _warn_incomplete(store, allow_incomplete)
@@ -364,7 +372,7 @@ def eval_(
     if report.visibility:
         from pelmark.evaluate.visibility import visibility_text
 
-        typer.echo("\nVisibility (%) of each landmark, the RMSE over landmarks both truly and predictedly present, Dice:")
+        typer.echo("\nLandmark visibility: accuracy, precision and recall of 'present' (%), RMSE (model px) over landmarks truly and predictedly present, Dice per bone class:")
         typer.echo(visibility_text(list(report.visibility), report.classes))
     for note in report.notes:
         typer.echo(f"note: {note}")
@@ -427,6 +435,84 @@ def convert_checkpoint_cmd(
     if not trust:
         raise PelmarkError("converting unpickles the file in full, which runs any code it holds; pass --trust if you made it", old)
     typer.echo(f"wrote {convert_checkpoint(old, new)}")
+
+
+@app.command()
+@reports_errors
+def predict(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by pelmark train (with --onnx: the first X-ray file)."),
+    images: Optional[list[Path]] = typer.Argument(None, metavar="IMAGE", help="X-ray files: DICOM, PNG, TIFF or 2D NIfTI."),
+    out: Path = typer.Option(..., "--out", help="Folder for <image>.csv, <image>.json and <image>.png per image."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run this ONNX file (from pelmark export) instead of a run folder."),
+    pixel_spacing: Optional[float] = typer.Option(
+        None, "--pixel-spacing", show_default="the file's: DICOM ImagerPixelSpacing, else PixelSpacing; NIfTI header", help="Detector pixel size in mm."
+    ),
+    sdd: Optional[float] = typer.Option(
+        None, "--sdd", show_default="the file's DistanceSourceToDetector, else the training store's", help="Source-to-detector distance in mm."
+    ),
+    pixels: Optional[str] = typer.Option(
+        None, "--pixels", show_default="the file's: DICOM PixelIntensityRelationship LIN = intensity; else line-integral",
+        help="intensity (raw detector values: log-transformed) or line-integral (bone bright).",
+    ),
+    invert: bool = typer.Option(False, "--invert", help="Flip bone dark/bright from what the file implies."),
+    rot180: bool = typer.Option(False, "--rot180", help="Turn each image 180 degrees before the model (C-arms that store it upside down)."),
+    ct_landmarks: Optional[Path] = typer.Option(
+        None, "--ct-landmarks", help="The CT's 3D landmarks (.mrk.json): register the detections to them and reproject them."
+    ),
+    ct: Optional[Path] = typer.Option(None, "--ct", help="The CT of --ct-landmarks: the pose's origin is its centre, as in a store."),
+    store: Optional[Path] = typer.Option(None, "--store", help="The training store, for a run whose run.json does not record its detector."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (a run folder; ONNX runs on the CPU)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder of earlier predictions."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Detect landmarks on X-ray files; optionally register them to the CT's landmarks.
+
+    A bad file gets one error line and the others go on; the exit code is 1 if any failed.
+    """
+    from pelmark.deepfluoro.importer import PixelKind
+    from pelmark.infer.backends import OnnxModel, TorchModel
+    from pelmark.infer.outputs import check_out, start_out
+    from pelmark.infer.predict import predict_files, read_ct_landmarks
+    from pelmark.infer.preprocess import ReadSettings
+
+    run_dir, images = (None, [run, *(images or [])]) if onnx is not None else (run, list(images or []))
+    if not images:
+        raise PelmarkError("no X-ray files given (pelmark predict RUN IMAGE... --out DIR, or --onnx FILE IMAGE...)")
+    if ct is not None and ct_landmarks is None:
+        raise PelmarkError("--ct is only used with --ct-landmarks", ct)
+    try:
+        pixel_kind = None if pixels is None else PixelKind(pixels)
+    except ValueError:
+        raise PelmarkError(f"unknown --pixels '{pixels}' (intensity or line-integral)") from None
+    settings = ReadSettings(pixel_spacing_mm=pixel_spacing, sdd_mm=sdd, pixels=pixel_kind, invert=invert, rot180=rot180)
+    named = [("an input image", p) for p in images] + [(what, p) for what, p in (("the run", run_dir), ("the ONNX file", onnx)) if p is not None]
+    check_out(out, named, overwrite)
+    model = OnnxModel(onnx) if onnx is not None else TorchModel(run_dir, device=device, store=store)
+    ct_points = None if ct_landmarks is None else read_ct_landmarks(ct_landmarks, model.grid.landmark_names, ct)
+    start_out(out)
+    report = predict_files(images, model, out, settings, ct_points, progress=progress)
+    typer.echo(f"predicted {len(report.written)} of {len(images)} images with {model.name}; wrote {out}")
+    if report.failures:
+        typer.echo(f"failed ({len(report.failures)}):", err=True)
+        for path, message in report.failures:
+            typer.echo(f"  {path}: {message}", err=True)
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@reports_errors
+def export(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder written by pelmark train."),
+    onnx: Path = typer.Option(..., "--onnx", help="The ONNX file to write (.onnx)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="The training store, for a run whose run.json does not record its detector."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing ONNX file."),
+) -> None:
+    """Export a run's heatmap model to ONNX (dynamic batch and size, preprocessing in its metadata) and check it against PyTorch."""
+    from pelmark.infer.export import export_onnx
+
+    report = export_onnx(run, onnx, store=store, overwrite=overwrite)
+    typer.echo(report.line())
+    typer.echo(f"wrote {report.path}")
 
 
 def main() -> None:
