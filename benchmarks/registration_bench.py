@@ -43,8 +43,11 @@ class Case:
     weights: torch.Tensor
 
 
-def make_case(batch: int, landmarks: int, noise_px: float, seed: int) -> Case:
-    """Points spread like a pelvis (±120 mm x, ±60 mm y, ±80 mm z), poses as in the paper (±45°, ±50 mm)."""
+def make_case(batch: int, landmarks: int, noise_px: float, seed: int, device: torch.device = torch.device("cpu")) -> Case:
+    """Points spread like a pelvis (±120 mm x, ±60 mm y, ±80 mm z), poses as in the paper (±45°, ±50 mm).
+
+    The same numbers on every device: drawn on the CPU, then moved.
+    """
     rng = np.random.default_rng(seed)
     camera = Camera.centered(768, sdd_mm=1020.0, spacing_mm=0.388, sid_mm=850.0)
     half = np.array([120.0, 60.0, 80.0])
@@ -54,19 +57,26 @@ def make_case(batch: int, landmarks: int, noise_px: float, seed: int) -> Case:
     noisy = clean + noise_px * torch.from_numpy(rng.standard_normal(clean.shape))
     return Case(
         camera=camera,
-        pose_true=pose_true,
-        points_world_mm=points.float(),
-        landmarks_px=noisy.float(),
-        weights=torch.ones(batch, landmarks),
+        pose_true=pose_true.to(device),
+        points_world_mm=points.float().to(device),
+        landmarks_px=noisy.float().to(device),
+        weights=torch.ones(batch, landmarks, device=device),
     )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_once(case: Case, solver: Solver, settings: RegistrationSettings) -> tuple[float, float, dict[str, float]]:
     """One forward + backward: wall-clock ms, process CPU ms, and the accuracy reached."""
     landmarks = case.landmarks_px.clone().requires_grad_(True)
+    synchronize(landmarks.device)
     wall, cpu = time.perf_counter(), time.process_time()
     result = register(landmarks, case.weights, case.points_world_mm, case.camera, solver=solver, settings=settings)
     pel_paper(result.pose, case.pose_true.float()).backward()
+    synchronize(landmarks.device)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     rotation_deg, translation_mm = pose_errors(result.pose.detach().double(), case.pose_true)
     accuracy = {
@@ -99,10 +109,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--noise-px", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (auto: CUDA if present)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {device_name}")
 
-    case = make_case(args.batch, args.landmarks, args.noise_px, args.seed)
+    case = make_case(args.batch, args.landmarks, args.noise_px, args.seed, device)
     settings = RegistrationSettings()
     stats = {solver.value: time_solver(case, solver, args.repeats, settings) for solver in Solver}
     for name, s in stats.items():
@@ -129,7 +143,7 @@ def main() -> None:
         for key in ("rotation_deg", "translation_mm", "residual_px", "converged", "iterations", "grad_finite"):
             summary[f"{name}_{key}"] = round(s[key], 4)
     summary.update(
-        device="cpu",
+        device=device_name,
         threads=torch.get_num_threads(),
         batch=args.batch,
         landmarks=args.landmarks,

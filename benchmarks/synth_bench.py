@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": settings.compile,
         "batch": batch,
         "load_average": round(load, 2),
-        "device": str(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "threads": torch.get_num_threads(),
         "n_views": args.views,
         "n_naive_views": args.naive_views,
