@@ -252,8 +252,11 @@ def train(
     schedule: Optional[str] = typer.Option(None, show_default="constant", help="Learning-rate schedule: constant or cosine."),
     solver: Optional[str] = typer.Option(None, show_default="lm", help="Registration inside PEL: lm, adam or lbfgs."),
     temperature: Optional[float] = typer.Option(None, show_default="1", help="Soft-argmax temperature on the logits."),
-    augment: Optional[bool] = typer.Option(
-        None, "--augment/--no-augment", show_default="no-augment", help="Random crop, scale, gamma, contrast, noise."
+    augment: Optional[str] = typer.Option(
+        None,
+        show_default="none",
+        help="none; basic (random crop, scale, gamma, contrast, noise); or realistic (the crop and a simulated C-arm: "
+        "bone ratio, dose noise, scatter, blur, collimator, log, inversion, 180° turn).",
     ),
     val_fraction: Optional[float] = typer.Option(None, show_default="0.1", help="Share of the train split held out for validation."),
     seed: Optional[int] = typer.Option(None, show_default="42", help="Seed of weights, order and augmentation."),

@@ -3,7 +3,8 @@
 Each table or set of options has a strict pydantic model below. Strict means
 that nothing is coerced: ``views = "10"`` or ``seed = "0"`` is refused rather
 than read as a number, ``augment = "false"`` is refused rather than read as
-true, and a whole number is never a boolean. A float setting accepts a TOML
+true (``augment`` takes ``"none"``, ``"basic"`` or ``"realistic"``, or the booleans of
+older files), and a whole number is never a boolean. A float setting accepts a TOML
 integer (``lr = 1``). NaN and infinity are refused everywhere.
 
 A refusal is one :class:`~pelmark.errors.PelmarkError` that names the key and
@@ -34,6 +35,7 @@ from pelmark.errors import PelmarkError
 from pelmark.geometry import NOMINAL_VIEWS
 from pelmark.registration import PoseLoss, Solver
 from pelmark.synth.render import RendererKind
+from pelmark.train.augment import Augment
 from pelmark.train.config import Schedule, SoftArgmax
 from pelmark.train.data import TargetKind
 
@@ -105,7 +107,9 @@ class TrainTable(_Strict):
     target: Optional[_choices(TargetKind)] = None
     disk_radius_px: Optional[Positive] = None
     gaussian_sigma_px: Optional[Positive] = None
-    augment: Optional[bool] = None
+    augment: Optional[Union[bool, _choices(Augment)]] = Field(
+        None, description="one of none, basic, realistic (in a TOML file also true = basic, false = none)"
+    )
     pos_weight: Optional[Positive] = None
     pel_weight: Optional[NonNegativeFloat] = None
     bce_weight: Optional[NonNegativeFloat] = None

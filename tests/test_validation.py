@@ -10,6 +10,7 @@ import pytest
 
 from pelmark.errors import PelmarkError
 from pelmark.synth.settings import SynthSettings, resolve_settings
+from pelmark.train.augment import Augment
 from pelmark.train.config import TrainConfig, resolve_config
 from pelmark.validation import DatasetTable, SynthTable, TrainTable, check, describe
 
@@ -55,9 +56,9 @@ def test_strings_are_never_read_as_numbers_or_booleans():
     assert resolve_settings({"seed": 0}, {}).seed == 0
     with pytest.raises(PelmarkError, match=r'seed must be an integer >= 0, got "0"'):
         resolve_settings({"seed": "0"}, {})
-    with pytest.raises(PelmarkError, match=r'\[train\] augment must be true or false, got "false"'):
+    with pytest.raises(PelmarkError, match=r'\[train\] augment must be one of none, basic, realistic .*, got "false"'):
         resolve_config("baseline", {"augment": "false"}, {}, MANIFEST)
-    assert resolve_config("baseline", {"augment": False}, {}).augment is False
+    assert resolve_config("baseline", {"augment": False}, {}).augment is Augment.NONE
     assert resolve_config("baseline", {"lr": 1}, {}).lr == 1.0  # a TOML integer is a number
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from pelmark.errors import PelmarkError
 from pelmark.registration import PoseLoss, Solver
+from pelmark.train.augment import Augment
 from pelmark.train.data import TargetKind
 
 
@@ -94,7 +95,9 @@ class TrainConfig:
         encoder, encoder_depth, encoder_weights, decoder_channels: the U-Net (see
             :class:`~pelmark.train.model.ModelSpec`).
         init: checkpoint to start from (required by finetune; a run dir or a .pt file).
-        target, disk_radius_px, gaussian_sigma_px, augment: the data (see :class:`~pelmark.train.data.DataSettings`).
+        target, disk_radius_px, gaussian_sigma_px: the targets (see :class:`~pelmark.train.data.DataSettings`).
+        augment: none, basic or realistic (:mod:`pelmark.train.augment`); a ``run.json`` written when
+            this was a boolean reads true as basic and false as none.
         pos_weight: BCE weight of the mask's pixels against the background (paper: 1, plain BCE).
         pel_weight: λ of paper eq. 9, the weight of PEL in composite, pel-only and finetune
             (the paper does not give its value).
@@ -142,7 +145,7 @@ class TrainConfig:
     target: TargetKind = TargetKind.DISK
     disk_radius_px: float = 6.0
     gaussian_sigma_px: float = 3.0
-    augment: bool = False
+    augment: Augment = Augment.NONE
     pos_weight: float = 1.0
     pel_weight: float = 1.0
     bce_weight: float | None = None
@@ -234,10 +237,13 @@ _ENUMS = {
     "pose_loss": PoseLoss,
     "solver": Solver,
     "soft_argmax": SoftArgmax,
+    "augment": Augment,
 }
 
 
 def _build(values: dict[str, Any], source: Path | None) -> TrainConfig:
+    if isinstance(values.get("augment"), bool):  # configs and run.json files from before `realistic`
+        values["augment"] = Augment.parse(values["augment"])
     for name, kind in _ENUMS.items():
         if name in values and values[name] is not None:
             try:

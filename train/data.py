@@ -15,10 +15,17 @@ Normalisation
     constant image becomes all zeros). Line integrals are non-negative with a
     scale that depends on the subject and the pose; [0, 1] is the domain where
     a gamma augmentation is defined and keeps air at 0 under any gamma.
+Augmentation
+    ``basic``: a random crop, scale and shift (the camera follows), then gamma,
+    contrast and Gaussian noise on the [0, 1] image. ``realistic``: the same
+    crop, then a simulated C-arm detector on the line integrals before they
+    are normalised, and a random 180° turn that turns the landmarks, camera
+    and pose with the image (:mod:`pelmark.train.augment`).
 Randomness
     Augmentation draws from a ``numpy.random.Generator`` seeded by
-    ``(seed, "train-data", epoch, row)``, so a sample depends on neither the
-    number of DataLoader workers nor the order they run in.
+    ``(seed, "train-data", epoch, row)`` (and ``"train-realistic"`` for the
+    realistic chain), so a sample depends on neither the number of DataLoader
+    workers nor the order they run in.
 Store access
     The constructor reads only the small ``split`` and ``subject_done`` arrays
     and the attributes; ``__getitem__`` reads one image chunk. The Zarr group
@@ -45,6 +52,16 @@ from pelmark.geometry import Camera
 from pelmark.seeding import numpy_generator
 from pelmark.synth.poses import Split
 from pelmark.synth.store import open_store
+from pelmark.train.augment import (
+    Augment,
+    RealisticParams,
+    RealisticRanges,
+    realistic_image,
+    sample_realistic,
+    turned_camera_180,
+    turned_points_180,
+    turned_pose_180,
+)
 
 # Order of the values in a sample's ``intrinsics`` tensor.
 INTRINSICS_FIELDS = ("fx", "fy", "cx_px", "cy_px", "sdd_mm", "sid_mm", "height", "width")
@@ -67,14 +84,17 @@ class DataSettings:
         disk_radius_px: disk radius at model resolution.
         gaussian_sigma_px: Gaussian sigma at model resolution.
         splits: store splits to read.
-        augment: random crop and intensity changes (training only).
+        augment: none, basic (random crop and intensity changes) or realistic (the crop and a
+            simulated detector, :mod:`pelmark.train.augment`); training only. True and False
+            are basic and none.
         crop_scale: range of the crop side as a fraction of the image side.
         max_shift_frac: largest offset of the crop centre from the image
             centre, as a fraction of the image side (clipped so the crop stays
             inside the image).
         gamma_range: range of the gamma applied to the [0, 1] image.
         contrast_range: range of the contrast factor about the image mean.
-        noise_std: standard deviation of additive Gaussian noise (0 = none).
+        noise_std: standard deviation of additive Gaussian noise (0 = none; basic only).
+        realistic: the ranges of the realistic chain.
         seed: root seed of the augmentation.
         targets: build the heatmap targets (evaluation needs none; the trainer draws them on the
             device instead when it runs on CUDA).
@@ -85,12 +105,13 @@ class DataSettings:
     disk_radius_px: float = 6.0
     gaussian_sigma_px: float = 3.0
     splits: tuple[Split, ...] = (Split.TRAIN,)
-    augment: bool = False
+    augment: Augment = Augment.NONE
     crop_scale: tuple[float, float] = (0.8, 1.0)
     max_shift_frac: float = 0.1
     gamma_range: tuple[float, float] = (0.7, 1.5)
     contrast_range: tuple[float, float] = (0.8, 1.2)
     noise_std: float = 0.02
+    realistic: RealisticRanges = RealisticRanges()
     seed: int = 42
     targets: bool = True
     # Also read each image's bone label map (the store's ``segmentation``), cropped like the image and
@@ -98,6 +119,7 @@ class DataSettings:
     segmentation: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "augment", Augment.parse(self.augment))
         if self.size < 1:
             raise PelmarkError(f"data size must be positive, got {self.size}")
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
@@ -309,7 +331,7 @@ class StoreDataset(Dataset):
         """The crop and intensity changes of store ``row`` in the current epoch (no image needed)."""
         height, width = self.camera.height, self.camera.width
         s = self.settings
-        if not s.augment:
+        if s.augment is Augment.NONE:
             return CropParams(0, 0, height, width), None
         rng = numpy_generator(s.seed, "train-data", self.epoch, int(row))
         scale = rng.uniform(*s.crop_scale)
@@ -324,6 +346,14 @@ class StoreDataset(Dataset):
         top = int(np.clip(top, 0, height - crop_h))
         left = int(np.clip(left, 0, width - crop_w))
         return CropParams(top, left, crop_h, crop_w), IntensityParams(gamma, contrast, noise_seed)
+
+    def realistic_params(self, row: int) -> RealisticParams | None:
+        """The realistic chain's draw for store ``row`` in the current epoch; None unless ``augment`` is realistic."""
+        s = self.settings
+        if s.augment is not Augment.REALISTIC:
+            return None
+        rng = numpy_generator(s.seed, "train-realistic", self.epoch, int(row))
+        return sample_realistic(rng, s.realistic, s.gamma_range, s.contrast_range)
 
     def model_camera(self, crop: CropParams) -> Camera:
         size = self.settings.size
@@ -342,17 +372,30 @@ class StoreDataset(Dataset):
         row = int(self.rows[i])
         group = self._store()
         crop, intensity = self.sample_params(row)
+        realistic = self.realistic_params(row)
         size = self.settings.size
+        camera = self.model_camera(crop)
 
         image = torch.from_numpy(np.asarray(group["images"][row], dtype=np.float32))
-        image = image[crop.top : crop.top + crop.height, crop.left : crop.left + crop.width]
-        image = normalise_image(resize_image(image, size, size))
-        if intensity is not None:
-            image = self._apply_intensity(image, intensity)
+        image = resize_image(image[crop.top : crop.top + crop.height, crop.left : crop.left + crop.width], size, size)
+        if realistic is not None:
+            image = realistic_image(image, realistic, camera.spacing_x_mm * camera.spacing_y_mm)
+        else:
+            image = normalise_image(image)
+            if intensity is not None:
+                image = self._apply_intensity(image, intensity)
 
-        camera = self.model_camera(crop)
         store_px = torch.from_numpy(np.asarray(group["landmarks_2d"][row], dtype=np.float64))
         landmarks_px = self.camera.pixels_to(camera, store_px)
+        pose = torch.from_numpy(np.asarray(group["pose"][row], dtype=np.float64))
+        labels = self._labels(group, row, crop) if self.settings.segmentation else torch.zeros(0)
+        turned = realistic is not None and realistic.rot180
+        if turned:  # the whole geometry turns with the image, so projection still gives landmarks_px
+            image = image.flip(-2, -1)
+            labels = labels.flip(-2, -1) if self.settings.segmentation else labels
+            landmarks_px = turned_points_180(landmarks_px, camera)
+            pose = turned_pose_180(pose, camera)
+            camera = turned_camera_180(camera)
         visible = torch.from_numpy(np.asarray(group["visible"][row], dtype=bool)) & camera.contains(landmarks_px)
         return {
             "image": image[None].to(torch.float32).contiguous(),
@@ -363,11 +406,11 @@ class StoreDataset(Dataset):
                 if self.settings.targets
                 else torch.zeros(0)
             ),
-            "pose": torch.from_numpy(np.asarray(group["pose"][row], dtype=np.float64)),
+            "pose": pose,
             "landmarks_3d": torch.from_numpy(np.asarray(group["landmarks_3d"][row], dtype=np.float32)),
             "intrinsics": intrinsics_tensor(camera),
             "index": row,
-            "segmentation": self._labels(group, row, crop) if self.settings.segmentation else torch.zeros(0),
+            "segmentation": labels,
         }
 
     def _labels(self, group, row: int, crop: CropParams) -> Tensor:

@@ -531,7 +531,7 @@ def test_out_must_not_be_an_input_nor_a_folder_of_other_files(store, tmp_path):
     [
         ("batch_size = 2.5", "[train] batch_size must be an integer >= 1, got 2.5"),
         ('seed = "x"', '[train] seed must be an integer >= 0, got "x"'),
-        ('augment = "false"', '[train] augment must be true or false, got "false"'),
+        ('augment = "false"', '[train] augment must be one of none, basic, realistic (in a TOML file also true = basic, false = none), got "false"'),
         ('[train.finetune]\nlr = "1e-5"', '[train.finetune] lr must be a number > 0, got "1e-5"'),
     ],
 )
