@@ -40,7 +40,8 @@ import numpy as np
 
 from pelmark.errors import PelmarkError
 from pelmark.io.ct import CTVolume, load_ct
-from pelmark.io.landmarks import load_landmarks, write_text_atomic
+from pelmark.io.atomic import write_text_atomic
+from pelmark.io.landmarks import load_landmarks
 
 _TABLES = ("dataset", "subjects", "synth", "train", "eval")
 _SUBJECT_KEYS = ("id", "ct", "landmarks", "role", "segmentation")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import random
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from pelmark.errors import PelmarkError
-from pelmark.io.landmarks import write_text_atomic
+from pelmark.io.atomic import atomic_open, write_text_atomic
 from pelmark.train.config import RunStatus, TrainConfig
 from pelmark.train.model import ModelSpec, build_model
 
@@ -53,12 +52,8 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_open(path, "wb") as handle:
         torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def plain_rng_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -56,9 +56,10 @@ import torch
 from pelmark.deepfluoro.layout import ProjectionParams, ProjectionRecord, SpecimenIndex
 from pelmark.errors import PelmarkError
 from pelmark.geometry import Camera, camera_to_pose, project_with_depth
+from pelmark.io.ct import LPS_RAS_FLIP
 from pelmark.landmark_sets import DEEPFLUORO_LANDMARKS, PAPER_LANDMARKS
 
-LPS_FLIP = np.diag([-1.0, -1.0, 1.0])
+LPS_FLIP = np.diag(LPS_RAS_FLIP)  # F: RAS <-> LPS, its own inverse
 R_UP = np.diag([-1.0, -1.0, 1.0])
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pelmark.errors import PelmarkError
+from pelmark.io.atomic import atomic_path
 
 OPSET = 17
 RTOL = 1e-4
@@ -80,32 +81,29 @@ def export_onnx(run_dir: Path, path: Path, store: Path | None = None, overwrite:
         expected = [model(x).float().numpy() for x in inputs]
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     axes = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter is deprecated in favour of the dynamo one, which needs onnxscript.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (inputs[0],), str(tmp), dynamo=False, opset_version=OPSET, input_names=["image"],
-            output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
-        )  # fmt: skip
-    graph = onnx.load(str(tmp))
-    metadata = onnx_metadata(grid, source.name, int(expected[0].shape[1]))
-    graph.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(metadata))
-    onnx.save(graph, str(tmp))
+    with atomic_path(path) as tmp:  # renamed to `path` only once onnxruntime agrees with PyTorch
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter is deprecated in favour of the dynamo one, which needs onnxscript.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (inputs[0],), str(tmp), dynamo=False, opset_version=OPSET, input_names=["image"],
+                output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
+            )  # fmt: skip
+        graph = onnx.load(str(tmp))
+        metadata = onnx_metadata(grid, source.name, int(expected[0].shape[1]))
+        graph.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(metadata))
+        onnx.save(graph, str(tmp))
 
-    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    difference, scale = 0.0, 1.0
-    for x, want in zip(inputs, expected):
-        (got,) = session.run(None, {"image": x.numpy()})
-        if got.shape != want.shape:
-            tmp.unlink()
-            raise PelmarkError(f"onnxruntime gave shape {got.shape}, PyTorch {want.shape}", run_dir)
-        difference = max(difference, float(np.abs(got - want).max()))
-        scale = max(scale, float(np.abs(want).max()))
-    tolerance = RTOL * scale
-    if not difference <= tolerance:
-        tmp.unlink()
-        raise PelmarkError(f"onnxruntime differs from PyTorch by {difference:.2e} > {tolerance:.2e}; nothing written", run_dir)
-    tmp.replace(path)
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        difference, scale = 0.0, 1.0
+        for x, want in zip(inputs, expected):
+            (got,) = session.run(None, {"image": x.numpy()})
+            if got.shape != want.shape:
+                raise PelmarkError(f"onnxruntime gave shape {got.shape}, PyTorch {want.shape}", run_dir)
+            difference = max(difference, float(np.abs(got - want).max()))
+            scale = max(scale, float(np.abs(want).max()))
+        tolerance = RTOL * scale
+        if not difference <= tolerance:
+            raise PelmarkError(f"onnxruntime differs from PyTorch by {difference:.2e} > {tolerance:.2e}; nothing written", run_dir)
     return ExportReport(path, difference, tolerance, tuple(tuple(x.shape) for x in inputs))

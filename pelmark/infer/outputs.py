@@ -31,7 +31,7 @@ import numpy as np
 
 from pelmark.errors import PelmarkError
 from pelmark.infer.predict import ImagePrediction
-from pelmark.io.landmarks import write_text_atomic
+from pelmark.io.atomic import write_text_atomic
 
 MARKER = ".pelmark-predict"
 POSE_COLUMNS = ("rx_rad", "ry_rad", "rz_rad", "tx_mm", "ty_mm", "tz_mm")

@@ -9,20 +9,24 @@ and a 4x4 affine from that index to scanner RAS mm. The world frame of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import math
-import os
 import struct
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from pelmark.errors import PelmarkError
+from pelmark.io.atomic import atomic_path
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# The one statement of the patient-frame flip: x and y change sign between LPS (DICOM, ITK,
+# SimpleITK, Slicer's default) and RAS (pelmark's world); z does not. The map is its own
+# inverse, so it also takes RAS to LPS.
+LPS_RAS_FLIP = np.array([-1.0, -1.0, 1.0])
+LPS_TO_RAS = np.diag([*LPS_RAS_FLIP, 1.0])  # the same flip for 4x4 affines (and RAS_TO_LPS)
 CT_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -120,12 +124,17 @@ def ct_from_sitk(image, source: Path | None = None) -> CTVolume:
 
 def ct_to_sitk(ct: CTVolume):
     """The SimpleITK image (LPS geometry) of a :class:`CTVolume`."""
+    return sitk_image(ct.hu, ct.affine_ras)
+
+
+def sitk_image(array_ijk: np.ndarray, affine_ras: np.ndarray):
+    """The SimpleITK image (LPS geometry) of an (i, j, k) voxel array with its RAS affine."""
     import SimpleITK as sitk
 
-    affine_lps = LPS_TO_RAS @ ct.affine_ras
+    affine_lps = LPS_TO_RAS @ affine_ras
     spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
     direction = affine_lps[:3, :3] / spacing[None, :]
-    image = sitk.GetImageFromArray(np.transpose(ct.hu, (2, 1, 0)))
+    image = sitk.GetImageFromArray(np.transpose(array_ijk, (2, 1, 0)))
     image.SetSpacing(tuple(float(s) for s in spacing))
     image.SetOrigin(tuple(float(o) for o in affine_lps[:3, 3]))
     image.SetDirection(tuple(float(d) for d in direction.ravel()))
@@ -257,20 +266,30 @@ def save_ct(ct: CTVolume, path: str | Path) -> None:
     crash never leaves a truncated volume under the final name. Detached
     headers (``.mhd``, ``.nhdr``) name their data file, so those are written in place.
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     suffix = _ct_suffix(path)
     if suffix is None:
         expected = ", ".join(CT_SUFFIXES)
         raise PelmarkError(f"unsupported CT file type for writing (expected one of {expected})", path)
-    image = ct_to_sitk(CTVolume(hu=np.asarray(ct.hu, dtype=np.float32), affine_ras=ct.affine_ras))
+    write_sitk_image(ct_to_sitk(CTVolume(hu=np.asarray(ct.hu, dtype=np.float32), affine_ras=ct.affine_ras)), path, "CT")
+
+
+def write_sitk_image(image, path: Path, what: str) -> None:
+    """Write a SimpleITK image by ``path``'s suffix (compressed but for ``.nii``), atomically for one-file formats.
+
+    Detached headers (``.mhd``, ``.nhdr``) name their data file, so those are written in place.
+
+    Raises:
+        PelmarkError: SimpleITK cannot write it ("cannot write ``what`` (...)").
+    """
+    import SimpleITK as sitk
+
+    suffix = _ct_suffix(path)
     detached = suffix in (".mhd", ".nhdr")
-    target = path if detached else path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
-        sitk.WriteImage(image, str(target), useCompression=suffix != ".nii")
+        with (contextlib.nullcontext(path) if detached else atomic_path(path, suffix)) as target:
+            sitk.WriteImage(image, str(target), useCompression=suffix != ".nii")
     except RuntimeError as exc:
-        target.unlink(missing_ok=True)
-        raise PelmarkError(f"cannot write CT ({_sitk_reason(exc)})", path) from None
-    if not detached:
-        os.replace(target, path)
+        if detached:
+            path.unlink(missing_ok=True)
+        raise PelmarkError(f"cannot write {what} ({_sitk_reason(exc)})", path) from None

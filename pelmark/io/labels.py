@@ -9,14 +9,12 @@ projects both with the same rays (:meth:`pelmark.synth.render.DRRRenderer.render
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from pelmark.errors import PelmarkError
-from pelmark.io.ct import LPS_TO_RAS, CTVolume, _affine_from_sitk, _ct_suffix, _sitk_reason
+from pelmark.io.ct import CTVolume, _affine_from_sitk, _ct_suffix, _sitk_reason, sitk_image, write_sitk_image
 
 # How far two grids' voxel centres may be apart and still count as one grid (mm).
 GRID_TOLERANCE_MM = 1e-3
@@ -80,27 +78,10 @@ def load_labels(path: str | Path) -> LabelVolume:
 
 def save_labels(labels: np.ndarray, affine_ras: np.ndarray, path: str | Path) -> None:
     """Write a uint8 label volume (compressed NIfTI, NRRD or MetaImage by suffix), atomically for one-file formats."""
-    import SimpleITK as sitk
-
     path = Path(path)
-    suffix = _ct_suffix(path)
-    if suffix is None:
+    if _ct_suffix(path) is None:
         raise PelmarkError("unsupported segmentation file type for writing", path)
-    affine_lps = LPS_TO_RAS @ affine_ras
-    spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
-    image = sitk.GetImageFromArray(np.transpose(np.asarray(labels, dtype=np.uint8), (2, 1, 0)))
-    image.SetSpacing(tuple(float(s) for s in spacing))
-    image.SetOrigin(tuple(float(o) for o in affine_lps[:3, 3]))
-    image.SetDirection(tuple(float(d) for d in (affine_lps[:3, :3] / spacing[None, :]).ravel()))
-    detached = suffix in (".mhd", ".nhdr")
-    target = path if detached else path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
-    try:
-        sitk.WriteImage(image, str(target), useCompression=suffix != ".nii")
-    except RuntimeError as exc:
-        target.unlink(missing_ok=True)
-        raise PelmarkError(f"cannot write segmentation ({_sitk_reason(exc)})", path) from None
-    if not detached:
-        os.replace(target, path)
+    write_sitk_image(sitk_image(np.asarray(labels, dtype=np.uint8), affine_ras), path, "segmentation")
 
 
 def grid_differences(labels: LabelVolume, ct: CTVolume) -> list[str]:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import uuid
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -32,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from pelmark.errors import PelmarkError
+from pelmark.io.atomic import write_text_atomic
+from pelmark.io.ct import LPS_RAS_FLIP
 
-# x and y change sign between RAS and LPS; z does not.
-_RAS_LPS_FLIP = np.array([-1.0, -1.0, 1.0])
 
 FCSV_COLUMNS = (
     "id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID"
@@ -67,7 +65,7 @@ class Frame(str, Enum):
 
 
 def _to_ras(points: np.ndarray, frame: Frame) -> np.ndarray:
-    return points * _RAS_LPS_FLIP if frame is Frame.LPS else points
+    return points * LPS_RAS_FLIP if frame is Frame.LPS else points
 
 
 def _from_ras(points_ras: np.ndarray, frame: Frame) -> np.ndarray:
@@ -240,27 +238,6 @@ def _read_plain_csv(path: Path) -> list[tuple[str, np.ndarray]]:
 
 
 # ---------------------------------------------------------------- writing
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename.
-
-    A reader never sees a half-written file, and an interrupted write leaves
-    the old file in place. The temporary file is created with ``os.open`` so
-    the result gets the usual umask permissions (tempfile's would be 0600).
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with open(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _check_points(names: Sequence[str], points_ras: np.ndarray) -> np.ndarray:

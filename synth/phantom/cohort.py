@@ -27,7 +27,8 @@ import numpy as np
 
 from pelmark.errors import PelmarkError
 from pelmark.io.ct import CTVolume, save_ct
-from pelmark.io.landmarks import write_mrk_json, write_text_atomic
+from pelmark.io.atomic import write_text_atomic
+from pelmark.io.landmarks import write_mrk_json
 from pelmark.io.labels import save_labels
 from pelmark.landmark_sets import PAPER_LANDMARKS, SEED003_CLASSES
 from pelmark.manifest import Role, Subject, write_manifest

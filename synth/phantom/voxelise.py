@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from pelmark.io.ct import CTVolume
+from pelmark.io.ct import LPS_RAS_FLIP, CTVolume
 from pelmark.landmark_sets import SEED003_CLASSES
 from pelmark.synth.phantom.anatomy import Anatomy
 from pelmark.synth.phantom.sdf import bone_sdf_on_grid
@@ -117,7 +117,7 @@ def ct_grid(anatomy: Anatomy, body: BodyOutline, spacing_mm: float) -> tuple[np.
     hi = np.array([body.center_xy[0] + reach[0], body.center_xy[1] + reach[1], view[:, 2].max() + ABOVE_MM])
     shape = tuple(int(np.ceil((h - l) / spacing_mm)) for l, h in zip(lo, hi))
     center = 0.5 * (lo + hi)
-    direction = np.diag([-1.0, -1.0, 1.0])  # RAS axes of LPS index axes
+    direction = np.diag(LPS_RAS_FLIP)  # RAS axes of LPS index axes
     affine = np.eye(4)
     affine[:3, :3] = spacing_mm * direction
     affine[:3, 3] = center - affine[:3, :3] @ ((np.asarray(shape) - 1.0) / 2.0)
