@@ -25,8 +25,7 @@ from pelmark.errors import PelmarkError
 from pelmark.evaluate.units import Unit, point_errors
 from pelmark.geometry import Camera
 from pelmark.landmark_sets import landmark_bone_matrix
-from pelmark.synth.poses import Split
-from pelmark.synth.store import open_store
+from pelmark.store import Split, StoreReader
 from pelmark.train.checkpoint import TrainedRun
 from pelmark.train.data import DataSettings, StoreDataset
 from pelmark.train.model import hard_argmax
@@ -37,19 +36,6 @@ from pelmark.train.seg_informed import discrete_visibility, split_outputs
 # BCE-trained model's own pixel decision ("this pixel is on the landmark"), a
 # fixed rule that is not tuned on any split.
 FOUND_PROBABILITY = 0.5
-
-
-def split_rows(group, split: Split) -> np.ndarray:
-    """Store rows of ``split`` that belong to finished subjects (unfinished rows hold fill values)."""
-    codes = np.asarray(group["split"][:])
-    done = np.asarray(group["subject_done"][:], dtype=bool)
-    views = len(codes) // max(len(done), 1)
-    owner_done = np.repeat(done, views) if views else np.zeros(len(codes), dtype=bool)
-    return np.flatnonzero((codes == int(split)) & owner_done)
-
-
-def store_camera(group) -> Camera:
-    return Camera.from_dict(dict(group.attrs)["intrinsics"])
 
 
 def model_camera(camera: Camera, size: int) -> Camera:
@@ -98,16 +84,17 @@ def read_truth(store_path: Path, split: Split, size: int) -> SplitTruth:
     Raises:
         PelmarkError: the store has no finished images in ``split``.
     """
-    group = open_store(Path(store_path))
-    rows = split_rows(group, split)
+    reader = StoreReader(store_path)
+    group = reader.group
+    rows = reader.rows(split)
     if len(rows) == 0:
         raise PelmarkError(f"store has no {split.label} images (from finished subjects)", store_path)
-    camera = store_camera(group)
+    camera = reader.camera
     model = model_camera(camera, size)
     store_px = torch.from_numpy(np.asarray(group["landmarks_2d"][:], dtype=np.float64)[rows])
     true_px = camera.pixels_to(model, store_px)
     visible = np.asarray(group["visible"][:], dtype=bool)[rows] & model.contains(true_px).numpy()
-    ids = np.array([s["id"] for s in dict(group.attrs)["subjects"]], dtype=object)
+    ids = np.array(reader.subject_ids, dtype=object)
     return SplitTruth(
         split=split,
         rows=rows,

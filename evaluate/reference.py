@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pelmark.evaluate.predict import Predictions, SplitTruth, split_rows
-from pelmark.synth.poses import Split
-from pelmark.synth.store import open_store
+from pelmark.evaluate.predict import Predictions, SplitTruth
+from pelmark.store import Split, StoreReader
 
 REFERENCE_NAME = "mean-position"
 
@@ -55,8 +54,9 @@ def mean_positions(points_px: np.ndarray, visible: np.ndarray) -> np.ndarray:
 
 def fit_mean_position(store_path: Path) -> MeanPosition | None:
     """Fit the reference on the store's train split; None when the store has no training images."""
-    group = open_store(Path(store_path))
-    rows = split_rows(group, Split.TRAIN)
+    reader = StoreReader(store_path)
+    group = reader.group
+    rows = reader.rows(Split.TRAIN)
     if len(rows) == 0:
         return None
     points = np.asarray(group["landmarks_2d"][:], dtype=np.float64)[rows]

@@ -45,11 +45,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from pelmark.errors import PelmarkError
+from pelmark.io.atomic import publish_folder
 from pelmark.io.outputs import is_empty_folder, refuse_inputs
 from pelmark.evaluate.figures import write_error_cdf, write_per_landmark_error, write_samples
 from pelmark.evaluate.pose import SUCCESS_THRESHOLDS_MM, PoseErrors, Registration, pose_metrics
 from pelmark.devices import resolve_device
-from pelmark.evaluate.predict import Predictions, SplitTruth, predict_split, read_truth, split_rows
+from pelmark.evaluate.predict import Predictions, SplitTruth, predict_split, read_truth
 from pelmark.evaluate.reference import REFERENCE_NAME, MeanPosition, fit_mean_position, predict_mean_position
 from pelmark.evaluate.refine import REFINED_SUFFIX, failure_notes, refine, refine_summary
 from pelmark.evaluate.stat_tables import (
@@ -87,8 +88,8 @@ from pelmark.evaluate.visibility import (
     visibility_rows,
     write_visibility,
 )
-from pelmark.synth.poses import Split
-from pelmark.synth.store import check_complete, git_revision, now_utc, open_store, package_versions
+from pelmark.provenance import git_revision, now_utc, package_versions
+from pelmark.store import Split, check_complete, finished_rows, open_store
 from pelmark.train.checkpoint import TrainedRun, load_run
 from pelmark.train.config import RunStatus
 
@@ -250,7 +251,7 @@ def check_out(out: Path, overwrite: bool, inputs: Sequence[tuple[str, Path]] = (
 
 def choose_splits(group, store: Path, asked: tuple[Split, ...] | None) -> tuple[Split, ...]:
     """The splits to evaluate (see :attr:`EvalSettings.splits`)."""
-    present = {s: len(split_rows(group, s)) for s in Split}
+    present = {s: len(finished_rows(group, s)) for s in Split}
     if asked is not None:
         for split in asked:
             if present[split] == 0:
@@ -350,13 +351,7 @@ def _publish(staging: Path, out: Path) -> None:
     if out.exists() and not is_empty_folder(out) and not is_eval_folder(out):
         # Files may have arrived while the runs were evaluated: still never replace them.
         raise PelmarkError("holds files that are not pelmark eval results; pick an empty or new --out", out)
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+    publish_folder(staging, out)
 
 
 def _evaluate(

@@ -74,12 +74,11 @@ def choose_threshold(peak_probability: np.ndarray, visible: np.ndarray) -> float
 
 def validation_rule(run, store: Path, batch_size: int, workers: int) -> PresenceRule:
     """The presence rule of a run without a visibility output: a threshold chosen on its validation images."""
-    from pelmark.evaluate.predict import predict_split, read_truth, split_rows
-    from pelmark.synth.poses import Split
-    from pelmark.synth.store import open_store
+    from pelmark.evaluate.predict import predict_split, read_truth
+    from pelmark.store import Split, StoreReader
     from pelmark.train.loop import split_validation
 
-    rows = split_rows(open_store(store), Split.TRAIN)
+    rows = StoreReader(store).rows(Split.TRAIN)
     if len(rows) < 2 or run.config.val_fraction <= 0:
         return PresenceRule(own=False, threshold=FALLBACK_THRESHOLD, source="no validation images: fixed")
     _, val_rows = split_validation(rows, run.config.val_fraction, run.config.seed)

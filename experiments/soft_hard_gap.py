@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pelmark.evaluate.predict import read_truth
-from pelmark.synth.poses import Split
+from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
 from pelmark.train.data import DataSettings, StoreDataset
 from pelmark.train.model import hard_argmax, heatmap_statistics, local_soft_argmax, soft_argmax

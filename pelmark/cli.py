@@ -317,7 +317,7 @@ def train(
 
 def _warn_incomplete(store: Path, allow_incomplete: bool) -> None:
     """Refuse a store whose synth was interrupted, or with --allow-incomplete say what it lacks, one line each."""
-    from pelmark.synth.store import check_complete
+    from pelmark.store import check_complete
 
     for missing in check_complete(store, allow_incomplete):
         typer.echo(f"warning: {store}: {missing}", err=True)

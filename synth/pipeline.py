@@ -28,16 +28,24 @@ import numpy as np
 from pelmark.errors import PelmarkError
 from pelmark.io.outputs import is_empty_folder, refuse_inputs
 from pelmark.manifest import Manifest, Role, Subject, load_manifest, validate_subject_data
-from pelmark.synth import store as store_mod
-from pelmark.synth.poses import Split, subject_poses, subject_splits
-from pelmark.synth.settings import SynthSettings, resolve_settings
-
-POSE_CONVENTION = (
-    "theta = (r, t): r Rodrigues vector (rad), t mm, in the world frame (RAS mm, origin at the CT volume "
-    "centre); the patient moves p' = R(r) p + t in front of a fixed AP C-arm (pelmark.geometry); "
-    "theta = 0 is the nominal AP view"
+from pelmark.store import (
+    IMAGE_NORMALISATION,
+    StoreLayout,
+    StoreLock,
+    check_compatible,
+    create_store,
+    done_subjects,
+    is_pelmark_store,
+    layout_of,
+    mark_finished,
+    open_store,
+    remove_store,
+    store_attributes,
+    subject_record,
+    write_subject,
 )
-PIXEL_CONVENTION = "x = column, y = row; the centre of pixel (row r, column c) is (x=c, y=r); row 0 superior"
+from pelmark.synth.poses import subject_poses, subject_splits
+from pelmark.synth.settings import SynthSettings, resolve_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +159,7 @@ def render_subject(
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    group = store_mod.open_store(Path(store_path), mode="r+")
+    group = open_store(Path(store_path), mode="r+")
     layout = layout_of(group)
     ct = load_ct(job.subject.ct)
     landmarks_world = ct.ras_to_world(load_landmarks(job.subject.landmarks, job.landmark_names))
@@ -177,22 +185,8 @@ def render_subject(
                 writer.put(group["segmentation"], store_rows, labels_from_paths(paths, LABEL_MIN_PATH_MM).cpu().numpy())
             if on_images is not None:
                 on_images(stop - start)
-    store_mod.write_subject(group, layout, job.index, data)  # after the last image write: marks the subject done
+    write_subject(group, layout, job.index, data)  # after the last image write: marks the subject done
     return job.subject.id
-
-
-def layout_of(group) -> store_mod.StoreLayout:
-    attrs = group.attrs
-    n, h, w = group["images"].shape
-    return store_mod.StoreLayout(
-        n_subjects=len(attrs["subjects"]),
-        views=int(attrs["settings"]["views"]),
-        height=h,
-        width=w,
-        n_landmarks=len(attrs["landmark_names"]),
-        image_dtype=str(group["images"].dtype),
-        segmentation="segmentation" in group,
-    )
 
 
 # ---------------------------------------------------------------- the run
@@ -213,19 +207,11 @@ def check_inputs(manifest: Manifest, settings: SynthSettings, progress: bool = T
         ct, landmarks_world = validate_subject_data(manifest, subject)
         _refuse_all_air(ct, settings, subject)
         records.append(
-            {
-                "index": index,
-                "id": subject.id,
-                "role": subject.role.value,
-                "ct": str(subject.ct),
-                "landmarks": str(subject.landmarks),
-                "ct_sha256": ct.digest(),
-                "landmarks_sha256": store_mod.landmarks_digest(landmarks_world),
-                "ct_shape": list(ct.shape),
-                "ct_spacing_mm": [float(s) for s in ct.spacing_mm],
+            subject_record(
+                index, subject.id, subject.role.value, str(subject.ct), str(subject.landmarks), ct, landmarks_world,
                 **_segmentation_record(subject),
-            }
-        )
+            )
+        )  # fmt: skip
     return records
 
 
@@ -253,65 +239,23 @@ def _refuse_all_air(ct, settings: SynthSettings, subject: Subject) -> None:
         )
 
 
-def store_attributes(manifest: Manifest, settings: SynthSettings, subjects: list[dict[str, Any]]) -> dict[str, Any]:
+def synth_attributes(manifest: Manifest, settings: SynthSettings, subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The store attributes of a render of ``manifest`` with ``settings`` (see :func:`pelmark.store.store_attributes`)."""
     from pelmark.synth.render import LABEL_MIN_PATH_MM
 
-    data = settings.data_fields()
     labelled = {"classes": list(manifest.classes), "segmentation_min_path_mm": LABEL_MIN_PATH_MM} if manifest.classes else {}
-    fingerprint = store_mod.fingerprint(data, list(manifest.landmarks), subjects, **labelled)
-    camera = settings.camera
-    return {
-        **labelled,
-        "format": store_mod.FORMAT_NAME,
-        "format_version": store_mod.FORMAT_VERSION,
-        "landmark_names": list(manifest.landmarks),
-        "subjects": subjects,
-        "splits": {s.label: int(s) for s in Split},
-        "intrinsics": {**camera.to_dict(), "pixel_convention": PIXEL_CONVENTION},
-        "pose_convention": POSE_CONVENTION,
-        "world_frame": "RAS mm, origin at the CT volume centre affine @ ((shape - 1) / 2)",
-        "image_normalisation": store_mod.IMAGE_NORMALISATION,
-        "seed": settings.seed,
-        "manifest_sha256": manifest.sha256,
-        "manifest_path": str(manifest.path),
-        "dataset": manifest.name,
-        "settings": data,
-        "fingerprint": fingerprint,
-        "versions": store_mod.package_versions(),
-        "git_revision": store_mod.git_revision(),
-        "created": store_mod.now_utc(),
-    }
-
-
-def _check_compatible(group, expected: dict[str, Any], path: Path) -> None:
-    found = dict(group.attrs)
-    if found.get("fingerprint") == expected["fingerprint"]:
-        return
-    theirs, ours = found.get("settings", {}), expected["settings"]
-    differs = [f"setting '{k}' ({theirs.get(k)!r} there, {ours.get(k)!r} now)" for k in ours if theirs.get(k) != ours.get(k)]
-    if found.get("landmark_names") != expected["landmark_names"]:
-        differs.append("the landmark names")
-    differs += _subject_differences(found.get("subjects", []), expected["subjects"])
-    if not differs:
-        differs.append("the store's format")
-    raise PelmarkError(
-        f"store was made from other inputs ({'; '.join(differs)}); use --overwrite to replace it or pick another --out",
-        path,
+    return store_attributes(
+        landmark_names=manifest.landmarks,
+        subjects=subjects,
+        camera=settings.camera,
+        settings=settings.data_fields(),
+        seed=settings.seed,
+        image_normalisation=IMAGE_NORMALISATION,
+        manifest_sha256=manifest.sha256,
+        manifest_path=str(manifest.path),
+        dataset=manifest.name,
+        data_attributes=labelled,
     )
-
-
-def _subject_differences(found: list[dict[str, Any]], expected: list[dict[str, Any]]) -> list[str]:
-    """What differs between the subjects a store was made from and the manifest's, in words."""
-    if [s.get("id") for s in found] != [s["id"] for s in expected]:
-        return ["the subjects (their ids or order)"]
-    if any("landmarks_sha256" not in s for s in found):
-        return ["written by an earlier pelmark, whose fingerprint left out the landmark files"]
-    differs = []
-    for then, now in zip(found, expected):
-        for key, what in (("role", "role"), ("ct_sha256", "CT"), ("landmarks_sha256", "landmark points"), ("segmentation_sha256", "segmentation")):
-            if then.get(key) != now.get(key):
-                differs.append(f"subject {now['id']!r}'s {what}")
-    return differs
 
 
 def _writable_parent(path: Path) -> None:
@@ -331,7 +275,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise PelmarkError("exists and is not a folder; --out names the store folder", out)
-    if not store_mod.is_pelmark_store(out):
+    if not is_pelmark_store(out):
         replace = "--overwrite replaces only a store written by pelmark synth" if overwrite else "pick an empty or new --out"
         raise PelmarkError(f"holds files that are not a pelmark synth store; {replace}", out)
 
@@ -364,17 +308,17 @@ def run_synth(
     settings = resolve_settings(manifest.synth, overrides, manifest.path)
     _device(settings.device)  # fail before anything is written
     subjects = check_inputs(manifest, settings, progress)
-    attributes = store_attributes(manifest, settings, subjects)
+    attributes = synth_attributes(manifest, settings, subjects)
     _writable_parent(out)
 
-    with store_mod.StoreLock(out):
+    with StoreLock(out):
         if out.exists() and overwrite:
-            store_mod.remove_store(out)
+            remove_store(out)
         if out.exists() and not is_empty_folder(out):
-            group = store_mod.open_store(out, mode="r+")
-            _check_compatible(group, attributes, out)
+            group = open_store(out, mode="r+")
+            check_compatible(group, attributes, out)
         else:
-            layout = store_mod.StoreLayout(
+            layout = StoreLayout(
                 n_subjects=len(manifest.subjects),
                 views=settings.views,
                 height=settings.camera.height,
@@ -383,10 +327,10 @@ def run_synth(
                 image_dtype=settings.image_dtype,
                 segmentation=bool(manifest.classes),
             )
-            store_mod.create_store(out, layout, {**attributes, "complete": False})
-            group = store_mod.open_store(out, mode="r+")
+            create_store(out, layout, {**attributes, "complete": False})
+            group = open_store(out, mode="r+")
 
-        done = store_mod.done_subjects(group)
+        done = done_subjects(group)
         jobs = [
             SubjectJob(index=i, subject=s, landmark_names=manifest.landmarks)
             for i, s in enumerate(manifest.subjects)
@@ -396,8 +340,7 @@ def run_synth(
         started = time.perf_counter()
         _run_jobs(str(out), jobs, settings, progress)
         seconds = time.perf_counter() - started
-        group.attrs["complete"] = bool(store_mod.done_subjects(group).all())
-        group.attrs["finished"] = store_mod.now_utc()
+        mark_finished(group)
         warnings = unseen_subjects(group, [s.id for s in manifest.subjects], settings.views)
     return SynthReport(
         store=out,
@@ -416,7 +359,7 @@ def unseen_subjects(group, subject_ids: list[str], views: int) -> tuple[str, ...
     Such a subject trains nothing and scores nothing; it most often means a CT with absurd
     geometry, landmarks of another CT, or a detector far too small.
     """
-    done = store_mod.done_subjects(group)
+    done = done_subjects(group)
     seen = np.asarray(group["visible"][:], dtype=bool).reshape(len(subject_ids), views, -1).any(axis=(1, 2))
     return tuple(
         f"subject {subject_id!r}: no landmark is on the detector in any of its {views} views "

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 import numpy as np
 
 from pelmark.geometry import sample_poses
 from pelmark.manifest import Role
 from pelmark.seeding import numpy_generator
-
-
-class Split(IntEnum):
-    """Codes of the store's ``split`` array (also listed in its ``splits`` attribute)."""
-
-    TRAIN = 0
-    NOVEL_VIEW = 1
-    NOVEL_SUBJECT = 2
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
+from pelmark.store.schema import Split
 
 
 def subject_poses(

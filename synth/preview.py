@@ -8,8 +8,7 @@ import numpy as np
 
 from pelmark.errors import PelmarkError
 from pelmark.io.outputs import refuse_inputs
-from pelmark.synth.poses import Split
-from pelmark.synth.store import open_store
+from pelmark.store import Split, StoreReader
 from pelmark.validation import PreviewOptions, check
 
 
@@ -33,19 +32,15 @@ def write_previews(store_path: Path, out_dir: Path, per_split: int = 12, columns
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    group = open_store(Path(store_path))
-    names = list(group.attrs["landmark_names"])
-    split = group["split"][:]
-    done = group["subject_done"][:]
-    views = int(group.attrs["settings"]["views"])
-    ready = np.repeat(done, views)
+    reader = StoreReader(store_path)
+    group, names = reader.group, list(reader.landmark_names)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PelmarkError(f"cannot create the folder ({exc.strerror})", out_dir) from None
     written = []
     for code in Split:
-        rows = np.flatnonzero((split == code) & ready)
+        rows = reader.rows(code)
         if rows.size == 0:
             continue
         picks = rows[np.linspace(0, rows.size - 1, min(per_split, rows.size)).round().astype(int)]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pelmark.cli import app
 from pelmark.geometry import Camera
-from pelmark.synth.store import open_store
+from pelmark.store import open_store
 
 # 48² store images of 4 mm resized to 24² (an integer factor: area averaging), encoder stride 8.
 SIZE = 24

@@ -50,8 +50,7 @@ from torch.utils.data import Dataset
 from pelmark.errors import PelmarkError
 from pelmark.geometry import Camera
 from pelmark.seeding import numpy_generator
-from pelmark.synth.poses import Split
-from pelmark.synth.store import open_store
+from pelmark.store import Split, StoreReader, open_store
 from pelmark.train.augment import (
     Augment,
     RealisticParams,
@@ -279,18 +278,10 @@ class StoreDataset(Dataset):
         self.epoch = 0
         self._group = None
         self._group_pid: int | None = None
-        group = self._store()
-        attrs = dict(group.attrs)
-        self.camera = Camera.from_dict(attrs["intrinsics"])
-        self.landmark_names = tuple(attrs.get("landmark_names", ()))
-        split = np.asarray(group["split"][:])
-        done = np.asarray(group["subject_done"][:], dtype=bool)
-        # Subject s owns rows [s*views, (s+1)*views): unfinished rows still hold fill values
-        # (split 0, subject 0), so their owner comes from the layout, not the `subject` array.
-        views = len(split) // max(len(done), 1)
-        owner_done = np.repeat(done, views) if views else np.zeros(0, dtype=bool)
-        wanted = np.isin(split, [int(s) for s in settings.splits]) & owner_done
-        rows = np.flatnonzero(wanted)
+        reader = StoreReader(self.store_path, self._store())
+        self.camera = reader.camera
+        self.landmark_names = reader.landmark_names
+        rows = reader.rows(settings.splits)
         labels = "/".join(Split(s).label for s in settings.splits)
         if len(rows) == 0:
             raise PelmarkError(f"store has no {labels} images (from finished subjects)", self.store_path)

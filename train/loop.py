@@ -44,8 +44,8 @@ from pelmark.errors import PelmarkError
 from pelmark.io.outputs import refuse_inputs
 from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.seeding import numpy_generator
-from pelmark.synth.poses import Split
-from pelmark.synth.store import check_complete, git_revision, now_utc, open_store, package_versions
+from pelmark.provenance import git_revision, now_utc, package_versions
+from pelmark.store import Split, StoreReader, check_complete
 from pelmark.train.checkpoint import (
     CHECKPOINT_FORMAT,
     RUN_FORMAT,
@@ -204,12 +204,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, store: Path, run_dir: Path, dist: Distributed, progress: bool):
         self.config, self.store, self.run_dir, self.dist, self.progress = config, store, run_dir, dist, progress
-        group = open_store(store)
-        attrs = dict(group.attrs)
-        self.landmark_names = tuple(attrs.get("landmark_names", ()))
-        self.store_fingerprint = attrs.get("fingerprint")
+        reader = StoreReader(store)
+        self.landmark_names = reader.landmark_names
+        self.store_fingerprint = reader.fingerprint
         seg_informed = config.strategy is Strategy.SEG_INFORMED
-        self.classes = tuple(attrs.get("classes", ())) if seg_informed else ()
+        self.classes = reader.classes if seg_informed else ()
         if seg_informed and not self.classes:
             raise PelmarkError("seg-informed trains on bone labels, which this store has not: synthesise it from a manifest with [dataset] classes and segmentations", store)
         data = DataSettings(
@@ -641,7 +640,7 @@ def train(
         progress: show a progress bar.
         after_step: called with the global step after each step (tests use it to simulate a crash).
         allow_incomplete: train on the finished subjects of a store whose synth was interrupted
-            (refused otherwise); :func:`pelmark.synth.store.check_complete` says what is missing.
+            (refused otherwise); :func:`pelmark.store.check_complete` says what is missing.
 
     Raises:
         PelmarkError: bad store, an incomplete store, a PEL strategy on a store with too few
@@ -655,7 +654,7 @@ def train(
         inputs += (("the --init run" if init.is_dir() else "the --init checkpoint", init),)
     previous = prepare_run_dir(run_dir, resume, overwrite, inputs)
     check_complete(store, allow_incomplete)
-    check_pel_landmarks(config, tuple(open_store(store).attrs.get("landmark_names", ())), store)
+    check_pel_landmarks(config, StoreReader(store).landmark_names, store)
     if previous is not None:
         check_resume_config(config, TrainConfig.from_dict(previous["config"], run_dir / "run.json"), run_dir)
     if config.strategy is Strategy.FINETUNE and not config.init:

@@ -8,7 +8,7 @@ What an import writes into ``DIR``:
     CTs. The manifest's ``[synth]`` table holds the real C-arm's geometry at
     the store's size (sdd, sid, detector size and pixel spacing).
 ``xrays.zarr``
-    The real X-rays as a store in the synth schema (:mod:`pelmark.synth.store`),
+    The real X-rays as a store in the synth schema, written by :mod:`pelmark.store`,
     which :class:`pelmark.train.data.StoreDataset` and ``pelmark eval`` read like
     a synth store. See :func:`import_deepfluoro` for what differs.
 ``import_report.json``
@@ -50,6 +50,18 @@ from pelmark.deepfluoro.convert import (
 from pelmark.deepfluoro.layout import DEEPFLUORO_CLASS_NAMES, DeepFluoroFile, SpecimenIndex
 from pelmark.errors import PelmarkError
 from pelmark.geometry import Camera, nominal_rotation, rotation_angle_deg, rotation_to_rotvec
+from pelmark.io.atomic import publish_folder, write_text_atomic
+from pelmark.store import (
+    Split,
+    StoreLayout,
+    create_store,
+    format_attributes,
+    mark_finished,
+    open_store,
+    store_attributes,
+    subject_record,
+    write_subject,
+)
 
 PADDING_SPLIT = 255
 """Split code of the padding rows that even out specimens' projection counts; no reader selects it."""
@@ -226,7 +238,7 @@ def import_deepfluoro(
         try:
             staging.mkdir()
             summary = _write(staging, out, source, plan, settings, progress)
-            _replace(staging, out)
+            publish_folder(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -240,22 +252,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise PelmarkError("output folder already exists; use --overwrite to replace it", out)
     if not out.is_dir() or not ((out / REPORT_NAME).is_file() or not any(out.iterdir())):
         raise PelmarkError("refusing to overwrite: not an earlier DeepFluoro import (no import_report.json)", out)
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder to ``out``, replacing an earlier import only now."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:12]}"
-        os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _plan(source: DeepFluoroFile, settings: ImportSettings) -> _Plan:
@@ -355,9 +351,8 @@ def _write(
     from tqdm import tqdm
 
     from pelmark.io.ct import save_ct
-    from pelmark.io.landmarks import write_mrk_json, write_text_atomic
+    from pelmark.io.landmarks import write_mrk_json
     from pelmark.manifest import Role, Subject, write_manifest
-    from pelmark.synth.store import landmarks_digest
 
     (staging / "ct").mkdir()
     (staging / "landmarks").mkdir()
@@ -393,21 +388,12 @@ def _write(
                 )
             )  # fmt: skip
             records.append(
-                {
-                    "index": index,
-                    "id": specimen.name,
-                    "role": role.value,
-                    "ct": str(out / ct_rel),
-                    "landmarks": str(out / lm_rel),
-                    "ct_sha256": ct.digest(),
-                    "landmarks_sha256": landmarks_digest(plan.world[specimen.name]),
-                    "ct_shape": list(ct.shape),
-                    "ct_spacing_mm": [float(s) for s in ct.spacing_mm],
-                    "projections": [r.key for r in specimen.projections],
-                    "n_projections": len(specimen.projections),
+                subject_record(
+                    index, specimen.name, role.value, str(out / ct_rel), str(out / lm_rel), ct, plan.world[specimen.name],
+                    projections=[r.key for r in specimen.projections], n_projections=len(specimen.projections),
                     **segmentation,
-                }
-            )
+                )
+            )  # fmt: skip
             entries.append(SpecimenEntry(specimen.name, role.value, len(specimen.projections), index * views))
             del ct
 
@@ -529,13 +515,10 @@ def _write_store(
     oriented like its image and resized by nearest neighbour at pixel centres."""
     import torch
 
-    from pelmark.synth import store as store_mod
-    from pelmark.synth.pipeline import PIXEL_CONVENTION, POSE_CONVENTION
-    from pelmark.synth.poses import Split
     from pelmark.train.data import resize_image
 
     camera, store_camera = plan.camera, plan.store_camera
-    layout = store_mod.StoreLayout(
+    layout = StoreLayout(
         n_subjects=len(source.specimens),
         views=views,
         height=store_camera.height,
@@ -545,8 +528,8 @@ def _write_store(
         segmentation=bool(labelled[0]),
     )
     data_settings = _settings_attribute(plan, settings, views)
-    store_mod.create_store(path, layout, {"format": store_mod.FORMAT_NAME, "format_version": store_mod.FORMAT_VERSION})
-    group = store_mod.open_store(path, mode="r+")
+    create_store(path, layout, format_attributes())
+    group = open_store(path, mode="r+")
     digest = hashlib.sha256()
     for index, specimen in enumerate(source.specimens):
         bar.set_postfix_str(specimen.name)
@@ -587,38 +570,32 @@ def _write_store(
             data["landmarks_3d"][j] = plan.world[specimen.name]
             data["split"][j] = split
             bar.update(1)
-        store_mod.write_subject(group, layout, index, data)
+        write_subject(group, layout, index, data)
         records[index]["rows"] = [rows.start, rows.start + count]
 
     # As synth's: what decides the data (here the X-rays of the source file too), not the manifest's bytes.
-    fingerprint = store_mod.fingerprint(data_settings, list(plan.names), records, source=digest.hexdigest())
     group.attrs.update(
-        {
-            "landmark_names": list(plan.names),
-            **({"classes": list(labelled[0])} if labelled[0] else {}),
-            "subjects": records,
-            "splits": {s.label: int(s) for s in Split},
-            "padding_split": PADDING_SPLIT,
-            "intrinsics": {**store_camera.to_dict(), "pixel_convention": PIXEL_CONVENTION},
-            "pose_convention": POSE_CONVENTION,
-            "world_frame": "RAS mm, origin at the CT volume centre affine @ ((shape - 1) / 2)",
-            "image_normalisation": REAL_IMAGE_NORMALISATION[settings.pixels.value],
-            "seed": 0,
-            "manifest_sha256": manifest_sha,
-            "manifest_path": str(out / MANIFEST_NAME),
-            "dataset": DATASET_NAME,
-            "settings": data_settings,
-            "source_file": str(Path(os.path.abspath(source.path))),
-            "source_sha256": digest.hexdigest(),
-            "holdout": settings.holdout,
-            "fingerprint": fingerprint,
-            "versions": store_mod.package_versions(),
-            "git_revision": store_mod.git_revision(),
-            "created": store_mod.now_utc(),
-            "complete": True,
-            "finished": store_mod.now_utc(),
-        }
+        store_attributes(
+            landmark_names=plan.names,
+            subjects=records,
+            camera=store_camera,
+            settings=data_settings,
+            seed=0,
+            image_normalisation=REAL_IMAGE_NORMALISATION[settings.pixels.value],
+            manifest_sha256=manifest_sha,
+            manifest_path=str(out / MANIFEST_NAME),
+            dataset=DATASET_NAME,
+            fingerprint_extra={"source": digest.hexdigest()},
+            notes={
+                **({"classes": list(labelled[0])} if labelled[0] else {}),
+                "padding_split": PADDING_SPLIT,
+                "source_file": str(Path(os.path.abspath(source.path))),
+                "source_sha256": digest.hexdigest(),
+                "holdout": settings.holdout,
+            },
+        )
     )
+    mark_finished(group, complete=True)
 
 
 def _report(summary: ImportSummary, source: DeepFluoroFile, plan: _Plan, settings: ImportSettings) -> dict[str, Any]:

@@ -42,14 +42,14 @@ def run_store_camera(run_dir: Path, info: dict[str, Any], store: Path | None = N
     Raises:
         PelmarkError: none of them gives it.
     """
-    from pelmark.synth.store import open_store
+    from pelmark.store import StoreReader
 
     recorded = info.get("store", {}).get("intrinsics")
     if recorded and store is None:
         return Camera.from_dict(recorded)
     path = Path(store) if store is not None else Path(info.get("store", {}).get("path", ""))
     try:
-        return Camera.from_dict(dict(open_store(path).attrs)["intrinsics"])
+        return StoreReader(path).camera
     except (PelmarkError, KeyError, OSError):
         hint = "" if store is not None else f" and its training store {path} cannot be read; pass --store STORE"
         raise PelmarkError(f"the run does not record its training store's detector{hint}", store or run_dir / "run.json") from None

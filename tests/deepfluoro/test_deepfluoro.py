@@ -33,9 +33,8 @@ from pelmark.deepfluoro.pnp import PnPSettings, register_pnp, target_registratio
 from pelmark.errors import PelmarkError
 from pelmark.landmark_sets import DEEPFLUORO_LANDMARKS, PAPER_LANDMARKS
 from pelmark.manifest import Role, load_manifest, validate_subject_data
-from pelmark.synth.pipeline import layout_of, run_synth
-from pelmark.synth.poses import Split
-from pelmark.synth.store import open_store
+from pelmark.store import Split, layout_of, open_store
+from pelmark.synth.pipeline import run_synth
 from pelmark.train.data import DataSettings, StoreDataset, camera_from_intrinsics
 
 SIZE = 24

@@ -30,8 +30,7 @@ from pelmark.evaluate.runner import EvalSettings, check_out, evaluate_runs, pars
 from pelmark.evaluate.tables import format_table, table_row, table_text, diverged_row
 from pelmark.evaluate.units import Unit, point_errors
 from pelmark.geometry import Camera
-from pelmark.synth.poses import Split
-from pelmark.synth.store import open_store
+from pelmark.store import Split, open_store
 from pelmark.train.config import Strategy, TrainConfig
 from pelmark.train.loop import train
 

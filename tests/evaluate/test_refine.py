@@ -11,7 +11,7 @@ from pelmark.evaluate.pose import Registration, pose_metrics
 from pelmark.evaluate.predict import Predictions, SplitTruth, read_truth
 from pelmark.evaluate.refine import RefineFlag, refine
 from pelmark.geometry import Camera, project
-from pelmark.synth.poses import Split
+from pelmark.store import Split
 
 SIZE = 32
 STORE_CAMERA = Camera.centered(256, spacing_mm=1.5)  # 384 mm detector; about 320 mm at the isocentre

@@ -22,7 +22,7 @@ from pelmark.evaluate.visibility import (
     visibility_metrics,
 )
 from pelmark.geometry import Camera
-from pelmark.synth.poses import Split
+from pelmark.store import Split
 from pelmark.train.config import Strategy, resolve_config
 from pelmark.train.loop import train
 

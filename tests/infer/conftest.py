@@ -9,8 +9,7 @@ import pytest
 
 from cohort_fixtures import write_bead_store
 from pelmark.evaluate.predict import predict_split, read_truth
-from pelmark.synth.poses import Split
-from pelmark.synth.store import open_store
+from pelmark.store import Split, open_store
 from pelmark.train.checkpoint import load_run
 from pelmark.train.config import Strategy, TrainConfig
 from pelmark.train.loop import train

@@ -16,8 +16,7 @@ from pelmark.evaluate.predict import read_truth
 from pelmark.geometry import rotation_angle_deg
 from pelmark.infer.predict import predict_files, read_ct_landmarks
 from pelmark.infer.preprocess import ModelGrid, ReadSettings
-from pelmark.synth.poses import Split
-from pelmark.synth.store import open_store
+from pelmark.store import Split, open_store
 from xray_fixtures import (
     LEVELS, SIZE, expected_file_px, points, predict_cli, read_rows, store_camera, store_image, write_dicom, write_nifti,
     write_png, write_tiff,

@@ -130,7 +130,7 @@ def test_store_labels_are_deterministic_and_survive_resume(tmp_path):
 
 def test_a_store_without_labels_keeps_its_fingerprint(tmp_path):
     """Stores made before labels existed must still resume: no segmentation, no new fingerprint input."""
-    from pelmark.synth import store as store_mod
+    from pelmark import store as store_mod
 
     records = [{"id": "a", "role": "train", "ct_sha256": "x", "landmarks_sha256": "y"}]
     assert store_mod.fingerprint({}, ["A"], records) == store_mod.fingerprint({}, ["A"], [{**records[0], "ct": "elsewhere"}])

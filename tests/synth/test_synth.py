@@ -21,7 +21,7 @@ from pelmark.cli import app
 from pelmark.errors import PelmarkError
 from pelmark.io.ct import CTVolume, save_ct
 from pelmark.manifest import Role
-from pelmark.synth import store as store_mod
+from pelmark import store as store_mod
 from pelmark.synth.pipeline import run_synth
 
 runner = CliRunner()

@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader
 from cohort_fixtures import write_bead_store
 from pelmark import geometry
 from pelmark.errors import PelmarkError
-from pelmark.synth.poses import Split
-from pelmark.synth.store import open_store
+from pelmark.store import Split, open_store
 from pelmark.train import data as data_mod
 from pelmark.train.data import (
     DataSettings,

@@ -124,7 +124,7 @@ def test_samples_carry_labels_cropped_and_resized_with_the_image(labelled_store)
     assert set(sample["segmentation"].unique().tolist()) <= {0, 1, 2}
     # At the store's own size nothing is resampled: the labels are the store's.
     same = StoreDataset(labelled_store, DataSettings(size=48, segmentation=True))[0]
-    from pelmark.synth.store import open_store
+    from pelmark.store import open_store
 
     np.testing.assert_array_equal(same["segmentation"].numpy(), open_store(labelled_store)["segmentation"][int(same["index"])])
     augmented = StoreDataset(labelled_store, DataSettings(size=48, segmentation=True, augment=True))

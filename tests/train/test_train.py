@@ -18,7 +18,7 @@ from cohort_fixtures import write_bead_store
 from pelmark.cli import app
 from pelmark.errors import PelmarkError
 from pelmark.geometry import Camera
-from pelmark.synth.store import open_store
+from pelmark.store import open_store
 from pelmark.train import loop as loop_mod
 from pelmark.train.checkpoint import checkpoint_path, load_checkpoint, load_run, save_atomic
 from pelmark.train.config import RunStatus, Strategy, TrainConfig, resolve_config
