@@ -155,7 +155,7 @@ def render_subject(
 
     from pelmark.io.ct import load_ct
     from pelmark.io.landmarks import load_landmarks
-    from pelmark.synth.render import LABEL_MIN_PATH_MM, DRRRenderer, label_volumes, labels_from_paths
+    from pelmark.synth.render import LABEL_MIN_PATH_MM, DRRRenderer, labels_from_paths
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -173,7 +173,7 @@ def render_subject(
         from pelmark.io.labels import load_labels
 
         n_classes = len(group.attrs["classes"])
-        classes = label_volumes(load_labels(job.subject.segmentation).labels, ct, renderer.settings, renderer.block, n_classes)
+        classes = renderer.label_grid(load_labels(job.subject.segmentation).labels, ct, n_classes)
     with StoreWriter() as writer:
         for start in range(0, settings.views, settings.batch_size):
             stop = min(start + settings.batch_size, settings.views)
