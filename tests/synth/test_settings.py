@@ -31,3 +31,10 @@ def test_a_siddon_store_keeps_the_fingerprint_it_had_before_sampling_and_antiali
 def test_runtime_settings_stay_out_of_the_fingerprint():
     fast = SynthSettings(compile=True, threads=2, batch_size=32, device="cpu")
     assert fast.data_fields() == SynthSettings().data_fields()
+
+
+def test_a_nanodrr_store_fingerprints_what_nanodrr_reads():
+    render = SynthSettings(renderer=RendererKind.NANODRR).data_fields()["render"]
+    assert render["renderer"] == "nanodrr" and render["antialias"] is True and render["n_points"] is None
+    assert "sampling" not in render and "step_voxels" not in render  # nanodrr reads neither
+    assert SynthSettings(renderer=RendererKind.NANODRR, n_points=300).data_fields()["render"]["n_points"] == 300
