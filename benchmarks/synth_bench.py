@@ -33,6 +33,10 @@ Usage:
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth_bench.py
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth_bench.py --size 128 --views 16 --naive-views 2
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/synth_bench.py --sampling uniform --compile
+    .venv/bin/python benchmarks/synth_bench.py --device cuda --renderer nanodrr --views 64 --naive-views 1
+
+``--renderer nanodrr`` times nanodrr's fused ray marcher (Triton on CUDA, its torch path on a
+CPU; ``pip install 'pelmark[gpu]'``) in place of pelmark's own, on the same volume, poses and detector.
     .venv/bin/python benchmarks/synth_bench.py --ct pelvis.nii.gz --views 20 --naive-views 1
 """
 
@@ -148,6 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch.compile the renderer (default: as pelmark synth does)",
     )
     parser.add_argument(
+        "--renderer", choices=[r.value for r in RendererKind], default=None, help="renderer timed (default: as synth)"
+    )
+    parser.add_argument("--n-points", type=int, default=None, help="samples per ray (uniform sampling or nanodrr)")
+    parser.add_argument(
         "--sampling", choices=[s.value for s in Sampling], default=None, help="trilinear sampling (default: as synth)"
     )
     parser.add_argument(
@@ -186,6 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {"compile": args.compile, "antialias": args.antialias}
     if args.sampling is not None:
         overrides["sampling"] = Sampling(args.sampling)
+    if args.renderer is not None:
+        overrides["renderer"] = RendererKind(args.renderer)
+    if args.n_points is not None:
+        overrides["n_points"] = args.n_points
+        if overrides.get("renderer", synth.render.renderer) == RendererKind.TRILINEAR:
+            overrides["sampling"] = Sampling.UNIFORM
     settings = dataclasses.replace(synth.render, **{k: v for k, v in overrides.items() if v is not None})
     rng = np.random.default_rng(args.seed)
     poses = torch.from_numpy(geometry.sample_poses(args.views, synth.rotation_range, synth.translation_range, rng))
@@ -208,8 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
         synchronize(device)
         setup_s = time.perf_counter() - tic
         render_volume_shape = list(renderer.volume_shape)
+        renderer_samples = renderer._nanodrr.n_samples if renderer._nanodrr is not None else settings.n_points
         block = list(renderer.block)
         print(f"pelmark: {settings}")
+        if renderer._nanodrr is not None:
+            print(f"nanodrr: kernel {renderer._nanodrr.kernel}, {renderer._nanodrr.n_samples} samples per ray")
         print(
             f"pelmark: volume cropped and averaged in blocks of {tuple(block)} voxels to "
             f"{tuple(render_volume_shape)}; set-up and warm-up {setup_s:.1f} s"
@@ -283,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         "size": args.size,
         "volume_shape": list(ct.shape),
         "render_volume_shape": render_volume_shape,
+        "renderer": RendererKind(settings.renderer).value,
+        "n_samples": renderer_samples,
         "sampling": Sampling(settings.sampling).value,
         "antialias_block": block,
         "compile": settings.compile,
