@@ -292,7 +292,6 @@ def label_volumes(
     return torch.stack(channels)
 
 
-
 class LabelGrid:
     """Bone labels on the rendered grid, for :meth:`DRRRenderer.render_labels` to project in one read a sample.
 
@@ -545,6 +544,8 @@ class DRRRenderer:
         auto_chunk = _AUTO_CHUNK_SAMPLES_SLICES if self._slices is not None else _AUTO_CHUNK_SAMPLES
         self._chunk_samples = settings.chunk_samples or auto_chunk[kind]
         self._poses_per_pass = max(1, _AUTO_RAYS_PER_PASS[kind] // (camera.height * camera.width))
+        # The poses and rays of the last pass of `render_iter`, which `render_labels` reuses for the same poses.
+        self._last_pass: tuple[Tensor, _Rays] | None = None
         self._nanodrr = None
         if nanodrr:
             from pelmark.synth.nanodrr_backend import NanoDRRBackend, samples_per_ray
@@ -554,8 +555,6 @@ class DRRRenderer:
             self._nanodrr = NanoDRRBackend(self.drr.density, affine, camera, n_samples, chunk_samples=settings.chunk_samples)
             if kind == "cuda":  # the fused kernel holds no samples: about 20 bytes a ray
                 self._poses_per_pass = max(1, (1 << 25) // (camera.height * camera.width))
-        # The poses and rays of the last pass of `render_iter`, which `render_labels` reuses for the same poses.
-        self._last_pass: tuple[Tensor, _Rays] | None = None
 
     @property
     def volume_shape(self) -> tuple[int, int, int]:
