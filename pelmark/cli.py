@@ -72,11 +72,11 @@ def reports_errors(command: Callable) -> Callable:
 @reports_errors
 def phantom(
     out: Path = typer.Argument(..., help="Folder to write the cohort into (CTs, landmarks, manifest)."),
-    subjects: int = typer.Option(6, "--subjects", min=1, help="Number of phantom subjects."),
+    subjects: int = typer.Option(6, "--subjects", help="Number of phantom subjects."),
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same files, bit for bit."),
-    spacing: float = typer.Option(2.0, "--spacing", min=0.5, max=5.0, help="Voxel size in mm."),
+    spacing: float = typer.Option(2.0, "--spacing", help="Voxel size in mm, 0.5 to 5."),
     novel_subjects: Optional[int] = typer.Option(
-        None, "--novel-subjects", min=0, show_default="about 1 in 5", help="How many subjects are held out as novel_subject."
+        None, "--novel-subjects", show_default="about 1 in 5", help="How many subjects are held out as novel_subject."
     ),
     beads: bool = typer.Option(False, "--beads", help="Also place small dense beads at the landmarks (geometry checks)."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a PNG of AP DRRs with landmarks."),
@@ -88,6 +88,9 @@ def phantom(
     from pelmark.synth.phantom.cohort import CohortSettings, write_cohort
     from pelmark.synth.settings import SYNTH_PRESETS
     from pelmark.train.presets import TRAIN_PRESETS
+    from pelmark.validation import PhantomOptions, check
+
+    check(PhantomOptions, {"subjects": subjects, "spacing": spacing, "novel_subjects": novel_subjects})
 
     if synth_preset != "none" and synth_preset not in SYNTH_PRESETS:
         raise PelmarkError(f"unknown --synth-preset '{synth_preset}' (demo, paper or none)")
@@ -337,9 +340,9 @@ def eval_(
         show_default="the novel splits present",
         help="Split to evaluate, repeatable: novel_view, novel_subject or train.",
     ),
-    samples: int = typer.Option(4, "--samples", min=0, help="Images per split in the sample figures."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
-    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes."),
+    samples: int = typer.Option(4, "--samples", help="Images per split in the sample figures."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best (falls back to last) or last."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that already holds files."),
@@ -347,8 +350,8 @@ def eval_(
     refine: bool = typer.Option(
         False, "--refine/--no-refine", help="Add <run>+reg rows: all CT landmarks projected under the robust pose of the found ones."
     ),
-    bootstrap: int = typer.Option(2000, "--bootstrap", min=1, help="Bootstrap resamples (over subjects) of the 95% intervals."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap resamples."),
+    bootstrap: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples (over subjects) of the 95% intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
     allow_incomplete: bool = typer.Option(
         False, "--allow-incomplete", help="Evaluate on a store whose synth was interrupted (its finished subjects only)."
     ),
@@ -357,7 +360,9 @@ def eval_(
     from pelmark.evaluate.runner import EvalSettings, evaluate_runs, parse_splits
     from pelmark.evaluate.stat_tables import format_comparison, mean_intervals
     from pelmark.evaluate.tables import format_table
+    from pelmark.validation import EvalOptions, check
 
+    check(EvalOptions, {"samples": samples, "batch_size": batch_size, "workers": workers, "bootstrap": bootstrap, "seed": seed})
     settings = EvalSettings(
         splits=parse_splits(split), samples=samples, batch_size=batch_size, workers=workers, device=device,
         checkpoint=checkpoint, overwrite=overwrite, progress=progress, refine=refine, bootstrap=bootstrap, seed=seed,

@@ -148,6 +148,24 @@ class PreviewOptions(_Strict):
     per_split: Count
 
 
+class PhantomOptions(_Strict):
+    """The options of ``pelmark phantom``."""
+
+    subjects: Count
+    spacing: Annotated[float, Ge(0.5), Le(5.0)] = Field(description="a number of mm from 0.5 to 5")
+    novel_subjects: Optional[NonNegative] = None
+
+
+class EvalOptions(_Strict):
+    """The numeric options of ``pelmark eval``."""
+
+    samples: NonNegative
+    batch_size: Count
+    workers: NonNegative
+    bootstrap: Count
+    seed: NonNegative
+
+
 # ---------------------------------------------------------------- checking
 
 

@@ -87,3 +87,26 @@ def test_dataset_table():
     with pytest.raises(PelmarkError, match=r"\[dataset\] name must be a non-empty string, got 3"):
         check(DatasetTable, {"name": 3, "landmarks": ["SPS"]}, "[dataset]", MANIFEST)
     assert describe(DatasetTable, "landmarks") == "a non-empty list of landmark names"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["phantom", "{tmp}/cohort", "--spacing", "0.1"], "error: --spacing must be a number of mm from 0.5 to 5, got 0.1"),
+        (["phantom", "{tmp}/cohort", "--subjects", "0"], "error: --subjects must be an integer >= 1, got 0"),
+        (["phantom", "{tmp}/cohort", "--novel-subjects", "-2"], "error: --novel-subjects must be an integer >= 0, got -2"),
+        (["eval", "{tmp}/run", "--store", "{tmp}/s.zarr", "--out", "{tmp}/e", "--bootstrap", "0"], "error: --bootstrap must be an integer >= 1, got 0"),
+        (["eval", "{tmp}/run", "--store", "{tmp}/s.zarr", "--out", "{tmp}/e", "--batch-size", "0"], "error: --batch-size must be an integer >= 1, got 0"),
+        (["eval", "{tmp}/run", "--store", "{tmp}/s.zarr", "--out", "{tmp}/e", "--workers", "-1"], "error: --workers must be an integer >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_phantom_and_eval_options_out_of_range_give_one_line_and_exit_1_before_any_work(tmp_path, args, message):
+    """They were Typer ranges: a usage box and exit 2, unlike every other bad input."""
+    from typer.testing import CliRunner
+
+    from pelmark.cli import app
+
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 1
+    assert result.output.strip() == message
+    assert list(tmp_path.iterdir()) == []
