@@ -18,6 +18,8 @@ variants=(
   "ft-global-reproj|--soft-argmax global --pose-loss reprojection"
   "ft-combined|--soft-argmax local --pose-loss reprojection --bce-weight 1 --pel-weight 0.1"
   "ft-bce-control|--bce-weight 1 --pel-weight 0"
+  "ft-global-reproj-3ep|--soft-argmax global --pose-loss reprojection --epochs 3"
+  "ft-bce-control-3ep|--bce-weight 1 --pel-weight 0 --epochs 3"
 )
 for seed in $seeds; do
   runs=$out/seed$seed
