@@ -108,7 +108,9 @@ def test_two_worker_local_cluster_equals_single_process(cohort, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
-    manifest = write_bead_cohort(tmp_path / "cohort", n_subjects=4, synth={"views": 12, "height": 96})
+    # Enough views that a subject takes far longer to render than the 50 ms poll below: a faster
+    # renderer once finished all four subjects inside a fixed sleep, and the kill landed after the run.
+    manifest = write_bead_cohort(tmp_path / "cohort", n_subjects=4, synth={"views": 40, "height": 96})
     reference, store = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     _synth(manifest, reference)
 
@@ -119,8 +121,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
         if (store / "subject_done" / "c" / "0").exists():
             break
         time.sleep(0.05)
-    time.sleep(0.3)  # into the second subject
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # the first subject is done, the second is rendering or being written
     proc.wait()
     done = zarr.open_group(str(store), mode="r")["subject_done"][:]
     assert 0 < done.sum() < 4, "the kill should land mid-run"
