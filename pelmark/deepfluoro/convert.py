@@ -160,21 +160,14 @@ class CameraConversion:
         when the principal point is off the image centre, a sub-pixel shift (linear
         interpolation, edge values repeated) by ``2 c - (n - 1)`` along each axis.
         """
-        out = np.asarray(image, dtype=np.float64)
-        if self.mirror_columns:
-            out = out[:, ::-1]
-        if rot_180:
-            out = out[::-1, ::-1]
-            shift = (2.0 * self.cy_px - (self.height - 1.0), 2.0 * self.cx_px - (self.width - 1.0))
-            if max(abs(s) for s in shift) > 1e-9:
-                from scipy import ndimage
-
-                out = ndimage.shift(out, shift, order=1, mode="nearest")
-        return np.ascontiguousarray(out)
+        return self._orient(np.asarray(image, dtype=np.float64), rot_180, order=1)
 
     def labels(self, labels: np.ndarray, rot_180: bool) -> np.ndarray:
         """A (rows, columns) label map oriented like :meth:`image`, the sub-pixel shift by nearest neighbour."""
-        out = np.asarray(labels)
+        return self._orient(np.asarray(labels), rot_180, order=0)
+
+    def _orient(self, out: np.ndarray, rot_180: bool, order: int) -> np.ndarray:
+        """:meth:`image`'s mirror, turn and sub-pixel shift, the shift interpolated at spline ``order``."""
         if self.mirror_columns:
             out = out[:, ::-1]
         if rot_180:
@@ -183,7 +176,7 @@ class CameraConversion:
             if max(abs(s) for s in shift) > 1e-9:
                 from scipy import ndimage
 
-                out = ndimage.shift(out, shift, order=0, mode="nearest")
+                out = ndimage.shift(out, shift, order=order, mode="nearest")
         return np.ascontiguousarray(out)
 
     def world_to_camera(self, cam_to_pelvis: np.ndarray, center_ras: np.ndarray, rot_180: bool) -> np.ndarray:
