@@ -24,6 +24,7 @@ EVAL_ARGS ?=
 EVAL_STRATEGIES ?= baseline composite pel-only finetune seg-informed
 # What `make demo` trains and evaluates: the baseline and its fine-tune, and seg-informed when EVAL_STRATEGIES names it.
 # (The default EVAL_STRATEGIES, defined in this file, leaves it out, so the default demo stays as it was.)
+comma := ,
 DEMO_STRATEGIES = baseline finetune $(if $(filter file,$(origin EVAL_STRATEGIES)),,$(filter seg-informed,$(EVAL_STRATEGIES)))
 EVAL_RUNS = $(foreach s,$(EVAL_STRATEGIES),$(if $(wildcard $(RUNS)/$(s)/run.json),$(RUNS)/$(s)))
 # Training settings come from MANIFEST's [train] table ([train.<strategy>] overrides it), then TRAIN_ARGS.
@@ -50,10 +51,10 @@ demo: $(STAMP) ## Everything on the built-in phantom cohort: CTs, DRRs, baseline
 	$(MAKE) --no-print-directory synth preview; t1=$$(date +%s); \
 	$(MAKE) --no-print-directory train-baseline; t2=$$(date +%s); \
 	$(MAKE) --no-print-directory train-finetune; t3=$$(date +%s); \
-	$(if $(filter seg-informed,$(DEMO_STRATEGIES)),$(MAKE) --no-print-directory train-seg-informed;) t3=$$(date +%s); \
+	$(if $(filter seg-informed,$(DEMO_STRATEGIES)),$(MAKE) --no-print-directory train-seg-informed;) t35=$$(date +%s); \
 	$(MAKE) --no-print-directory eval EVAL_STRATEGIES="$(DEMO_STRATEGIES)" EVAL_ARGS="--refine $(EVAL_ARGS)"; t4=$$(date +%s); \
 	echo "cohort: $(PHANTOM_DIR)  store: $(STORE)  runs: $(RUNS)  results: $(EVAL_OUT) (table1.csv, figures)"; \
-	echo "stage seconds: phantom+synth+preview $$((t1-t0)), baseline $$((t2-t1)), finetune $$((t3-t2)), eval $$((t4-t3)), total $$((t4-t0))" \
+	echo "stage seconds: phantom+synth+preview $$((t1-t0)), baseline $$((t2-t1)), finetune $$((t3-t2)),$(if $(filter seg-informed,$(DEMO_STRATEGIES)), seg-informed $$((t35-t3))$(comma)) eval $$((t4-t35)), total $$((t4-t0))" \
 	  | tee $(OUT)/demo_timing.txt
 
 phantom: $(PHANTOM_DIR)/manifest.toml ## Write the phantom pelvis cohort (CTs, landmarks, manifest, preview.png)
