@@ -9,9 +9,11 @@ Layout of ``RUN_DIR``::
     metrics_epochs.csv       one row per epoch (with the validation RMSE)
 
 A checkpoint is a ``torch.save`` dict with the model (unwrapped from DDP),
-optimiser and scheduler states, the epoch, the step within it and the global
-step, the Python, NumPy, torch (and CUDA) RNG states, the config, the model
-spec and the landmark names. Files are written to a temporary name in the same
+the epoch, the step within it and the global step, the config, the model spec
+and the landmark names. ``last.pt``, the one a run resumes from, also holds the
+optimiser and scheduler states and the Python, NumPy, torch (and CUDA) RNG
+states; ``best.pt`` is read only for its weights and leaves them out (a third
+of the size). Files are written to a temporary name in the same
 folder and renamed, so a kill never leaves a half-written checkpoint.
 
 Checkpoints hold only tensors and plain values (dicts, lists, str, int, float,
@@ -38,7 +40,7 @@ from torch import nn
 from pelmark.errors import PelmarkError
 from pelmark.io.atomic import atomic_open, write_text_atomic
 from pelmark.train.config import RunStatus, TrainConfig
-from pelmark.train.model import ModelSpec, build_model
+from pelmark.train.model import ModelSpec, build_model, load_weights
 
 RUN_FORMAT = "pelmark-run"
 RUN_VERSION = 1
@@ -244,6 +246,6 @@ def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "c
         raise PelmarkError(f"run has no checkpoint ({wanted})", run_dir / "checkpoints")
     state = load_checkpoint(path)
     model = build_model(dataclasses.replace(ModelSpec.from_dict(state["model_spec"]), encoder_weights=None))
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     model.to(device).eval()
     return TrainedRun(run_dir, run_dir.name, status, config, names, model, info)

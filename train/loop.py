@@ -63,7 +63,7 @@ from pelmark.train.config import RunStatus, Schedule, SoftArgmax, Strategy, Trai
 from pelmark.train.data import CropParams, DataSettings, StoreDataset, heatmap_targets
 from pelmark.train.losses import pel_term, segmentation_loss, spatial_softmax_loss
 from pelmark.train.metrics import landmark_rmse, mean_rmse
-from pelmark.train.model import ModelSpec, build_model, hard_argmax
+from pelmark.train.model import ModelSpec, build_model, hard_argmax, load_weights
 from pelmark.train.seg_informed import seg_informed_loss
 
 STEP_FIELDS = (
@@ -285,7 +285,7 @@ class Trainer:
                 f"this run asks for {self.spec.encoder} depth {self.spec.encoder_depth} with decoder {list(self.spec.decoder_widths)}",
                 Path(path),
             )
-        self.model.load_state_dict(state["model"])
+        load_weights(self.model, state["model"], Path(path))
 
     def checkpoint(self, which: str) -> None:
         if not self.dist.main:
@@ -293,15 +293,16 @@ class Trainer:
         state = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "counters": dataclasses.asdict(self.state),
-            "rng": rng_state(),
             "config": self.config.to_dict(),
             "model_spec": self.spec.to_dict(),
             "landmark_names": list(self.landmark_names),
             "store_fingerprint": self.store_fingerprint,
         }
+        if which == "last":
+            # Only last.pt is resumed from; best.pt is read for its weights (eval, predict, --init), so it
+            # leaves out Adam's two moments per weight, two thirds of a checkpoint's bytes.
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rng_state())
         save_atomic(state, checkpoint_path(self.run_dir, which))
 
     def restore(self) -> None:
@@ -314,7 +315,7 @@ class Trainer:
         if differ:
             listed = ", ".join(f"{name} {then} (checkpoint) vs {now} (run)" for name, then, now in differ)
             raise PelmarkError(f"was written by a run with other settings ({listed}); it is stale: start again with --overwrite", path)
-        self.model.load_state_dict(state["model"])
+        load_weights(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = _State(**state["counters"])

@@ -132,6 +132,10 @@ def test_baseline_run_writes_what_it_promises(store, tmp_path):
     assert info["landmark_names"] == list(open_store(store).attrs["landmark_names"])
     assert "torch" in info["versions"]
     assert checkpoint_path(run, "last").is_file() and checkpoint_path(run, "best").is_file()
+    # last.pt resumes (optimiser, scheduler, RNG); best.pt holds the weights alone.
+    last, best = load_checkpoint(checkpoint_path(run, "last")), load_checkpoint(checkpoint_path(run, "best"))
+    assert {"optimizer", "scheduler", "rng"} <= last.keys() and not {"optimizer", "scheduler", "rng"} & best.keys()
+    assert best.keys() >= {"model", "model_spec", "landmark_names", "config"}
     steps = (run / "metrics_steps.csv").read_text().splitlines()
     assert steps[0].startswith("step,epoch,loss") and len(steps) == report.steps + 1
     assert len((run / "metrics_epochs.csv").read_text().splitlines()) == 3
@@ -600,3 +604,38 @@ def test_a_run_resumed_at_an_epochs_end_logs_that_epochs_loss(store, tmp_path):
 
     assert len(epochs(whole)) == 2 and all(math.isfinite(float(row[2])) for row in epochs(whole))
     assert epochs(crashed) == epochs(whole)
+
+
+def test_unused_encoder_stages_are_removed_and_old_checkpoints_still_load(store, tmp_path):
+    from pelmark.train.model import ModelSpec, build_model
+
+    # smp builds ResNet-18's four stages at depth 3 but runs only two: the other two are removed.
+    spec = ModelSpec(classes=3, encoder="resnet18", encoder_depth=3)
+    model = build_model(spec)
+    assert not any(k.startswith(("encoder.layer3.", "encoder.layer4.")) for k in model.state_dict())
+    assert all(p.requires_grad for p in model.parameters())
+    # The same seed gives the same weights as the full smp model did (the stages are drawn, then removed).
+    torch.manual_seed(0)
+    pruned = build_model(spec).state_dict()
+    torch.manual_seed(0)
+    import segmentation_models_pytorch as smp
+
+    full = smp.Unet(encoder_name="resnet18", encoder_depth=3, encoder_weights=None, decoder_channels=spec.decoder_widths,
+                    in_channels=1, classes=3).state_dict()  # fmt: skip
+    assert all(torch.equal(pruned[k], full[k]) for k in pruned)
+    # A run written before the removal holds the unused stages in its checkpoints; it loads, and predicts the same.
+    run = tmp_path / "run"
+    loop_mod.train(_config(epochs=1, max_steps=1), store, run, progress=False)
+    path = checkpoint_path(run, "best")
+    state = load_checkpoint(path)
+    old = {**full, **state["model"]}
+    assert old.keys() > state["model"].keys()
+    save_atomic({**state, "model": old}, path)
+    loaded = load_run(run)
+    assert all(torch.equal(loaded.model.state_dict()[k], state["model"][k]) for k in state["model"])
+    # A checkpoint that lacks a weight the model uses is still refused.
+    del old["encoder.conv1.weight"]
+    save_atomic({**state, "model": old}, path)
+    with pytest.raises(PelmarkError, match="weights do not fit the model: missing encoder.conv1.weight") as caught:
+        load_run(run)
+    assert caught.value.path == path and "\n" not in str(caught.value)
