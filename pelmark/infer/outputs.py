@@ -6,7 +6,7 @@ pixel (row r, column c) at (c, r), as everywhere in pelmark.
 
 CSV, one row per landmark
     ``image, landmark, x_px, y_px, peak_probability, present``; with ``--ct-landmarks`` also
-    ``reprojected_x_px, reprojected_y_px, inlier, registration_degenerate`` and the pose
+    ``reprojected_x_px, reprojected_y_px, inlier, registration_degenerate, registration_unconfirmed`` and the pose
     ``rx_rad, ry_rad, rz_rad, tx_mm, ty_mm, tz_mm`` (the same on every row of an image).
 JSON
     The same rows under ``landmarks``, the pose under ``registration``, and the file's
@@ -31,6 +31,7 @@ import numpy as np
 
 from pelmark.errors import PelmarkError
 from pelmark.infer.predict import ImagePrediction
+from pelmark.registration.robust import MIN_INLIERS
 from pelmark.io.atomic import write_text_atomic
 
 MARKER = ".pelmark-predict"
@@ -100,6 +101,7 @@ def landmark_rows(prediction: ImagePrediction) -> list[dict[str, Any]]:
             row["reprojected_y_px"] = float(registration.reprojected_px[i, 1])
             row["inlier"] = bool(registration.inliers[i])
             row["registration_degenerate"] = registration.degenerate
+            row["registration_unconfirmed"] = registration.unconfirmed
             row.update({column: float(v) for column, v in zip(POSE_COLUMNS, registration.pose)})
         rows.append(row)
     return rows
@@ -131,6 +133,8 @@ def prediction_json(prediction: ImagePrediction, model_name: str) -> dict[str, A
             "pose_convention": "p' = R(r) p + t on the CT landmarks, in front of the nominal AP C-arm (pelmark.geometry)",
             "degenerate": registration.degenerate,
             "inliers": int(registration.inliers.sum()),
+            "unconfirmed": registration.unconfirmed,
+            "unconfirmed_rule": f"fewer than {MIN_INLIERS} inliers: no landmark beyond the minimal subset agrees with the pose",
         }
     return document
 
@@ -175,8 +179,9 @@ def write_overlay(path: Path, prediction: ImagePrediction) -> None:
     ax.scatter(points[~present, 0], points[~present, 1], marker="x", s=40, c="0.6", linewidths=1.0)
     for name, (x, y), found in zip(prediction.landmark_names, points, present):
         ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7, color="red" if found else "0.6")
-    if prediction.registration is not None:
-        reprojected = prediction.registration.reprojected_px
+    registration = prediction.registration
+    if registration is not None and not (registration.degenerate or registration.unconfirmed):
+        reprojected = registration.reprojected_px
         ax.scatter(reprojected[:, 0], reprojected[:, 1], marker="o", s=60, facecolors="none", edgecolors="lime", linewidths=1.2)
     fig.savefig(path)
     plt.close(fig)

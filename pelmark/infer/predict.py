@@ -75,12 +75,15 @@ class Registration:
         pose: (6,) θ = (r rad, t mm) in pelmark's convention.
         degenerate: the registration could not be trusted (too few or collinear present landmarks, ...).
         inliers: (L,) present landmarks the final fit used.
+        unconfirmed: not degenerate, but fewer than :data:`~pelmark.registration.robust.MIN_INLIERS` inliers
+            (none beyond the minimal subset): the pose is not to be trusted.
         reprojected_px: (L, 2) every CT landmark projected under ``pose``, in the file's pixels.
     """
 
     pose: np.ndarray
     degenerate: bool
     inliers: np.ndarray
+    unconfirmed: bool
     reprojected_px: np.ndarray
 
 
@@ -146,6 +149,7 @@ def register(oriented_px: torch.Tensor, present: np.ndarray, ct: CTLandmarks, pr
     """The robust pose of the present landmarks (pixels of the turned image) and the CT landmarks projected under it."""
     from pelmark.geometry import project
     from pelmark.registration import register_robust
+    from pelmark.registration.robust import MIN_INLIERS
 
     camera = prepared.oriented_camera
     weights = torch.from_numpy(present.astype(np.float64))[None]
@@ -155,10 +159,13 @@ def register(oriented_px: torch.Tensor, present: np.ndarray, ct: CTLandmarks, pr
         robust = register_robust(landmarks, weights, points, camera)
         pose = robust.result.pose.detach().to(torch.float64)
         projected = project(points, pose, camera)[0]
+    inliers = robust.inliers[0].numpy().astype(bool) & present
+    degenerate = bool(robust.result.degenerate[0])
     return Registration(
         pose=pose[0].numpy(),
-        degenerate=bool(robust.result.degenerate[0]),
-        inliers=robust.inliers[0].numpy().astype(bool) & present,
+        degenerate=degenerate,
+        inliers=inliers,
+        unconfirmed=not degenerate and int(inliers.sum()) < MIN_INLIERS,
         reprojected_px=prepared.from_oriented_px(projected).numpy(),
     )
 

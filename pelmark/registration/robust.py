@@ -48,6 +48,12 @@ class RansacSettings:
     refinement_rounds: int = 3
 
 
+# A pose is confirmed when at least one landmark beyond the minimal subset it was fitted through agrees with it:
+# four points fit some pose within the threshold almost wherever they lie (8 equations, 6 unknowns).
+# pelmark eval --refine and pelmark predict keep the raw detections of an unconfirmed pose.
+MIN_INLIERS = RansacSettings.subset_size + 1
+
+
 def register_robust(
     landmarks_px: Landmarks2D,
     weights: Weights,

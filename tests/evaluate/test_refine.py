@@ -84,7 +84,8 @@ def test_a_landmark_not_found_gets_its_projection():
     np.testing.assert_allclose(refinement.predictions.predicted_px, truth.true_px, atol=1e-3)
     assert [refinement.flags(i, 5) for i in range(4)] == [RefineFlag.NOT_FOUND] * 4
     assert refinement.counts() == {
-        "images": 4, "registration_failed": 0, "landmarks": 32, "not_found": 4, "outliers": 0, "outside": 0,
+        "images": 4, "registration_failed": 0, "registration_unconfirmed": 0, "landmarks": 32, "not_found": 4,
+        "outliers": 0, "outside": 0,
     }  # fmt: skip
 
 
@@ -97,6 +98,22 @@ def test_failed_registration_keeps_the_raw_argmax():
     np.testing.assert_array_equal(refinement.failed, [False, True, True, True])
     np.testing.assert_array_equal(refinement.predictions.predicted_px[1:], predicted[1:])
     assert refinement.flags(1, 0) == RefineFlag.FAILED and refinement.counts()["registration_failed"] == 3
+
+
+def test_a_pose_with_no_inlier_beyond_its_minimal_subset_keeps_the_raw_argmax():
+    truth = _eight_landmark_truth()
+    predicted = truth.true_px.copy()
+    peaks = np.ones((4, 8))
+    peaks[:2, 4:] = 0.2  # images 0-1: four landmarks found, the least a pose needs, so none can confirm it
+    peaks[2, 5:] = 0.2  # image 2: five found, one beyond the minimal subset
+    predicted[peaks < 0.5] = [0.0, 0.0]  # the landmarks not found sit in a corner
+    refinement = _refined(Predictions("m", truth, predicted, peaks))
+    np.testing.assert_array_equal(refinement.unconfirmed, [True, True, False, False])
+    assert not refinement.failed.any()
+    np.testing.assert_array_equal(refinement.predictions.predicted_px[:2], predicted[:2])  # raw, corners included
+    np.testing.assert_allclose(refinement.predictions.predicted_px[2:], truth.true_px[2:], atol=1e-3)  # projected
+    assert refinement.flags(0, 0) == RefineFlag.UNCONFIRMED and refinement.flags(2, 7) == RefineFlag.NOT_FOUND
+    assert refinement.counts()["registration_unconfirmed"] == 2
 
 
 def test_refine_needs_the_robust_registration():

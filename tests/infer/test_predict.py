@@ -190,7 +190,7 @@ def test_registration_of_true_landmarks_recovers_the_pose(cohort, store, tmp_pat
         assert not report.failures
         document = json.loads((tmp_path / "out" / f"r{row}.json").read_text())
         registration = document["registration"]
-        assert not registration["degenerate"] and registration["inliers"] == 5
+        assert not registration["degenerate"] and registration["inliers"] == 5 and not registration["unconfirmed"]
         pose = torch.tensor(registration["pose"]["rotvec_rad"] + registration["pose"]["translation_mm"], dtype=torch.float64)
         true_pose = torch.from_numpy(np.asarray(group["pose"][int(row)], dtype=np.float64))
         reprojected = np.array([[lm["reprojected_x_px"], lm["reprojected_y_px"]] for lm in document["landmarks"]])
@@ -201,6 +201,7 @@ def test_registration_of_true_landmarks_recovers_the_pose(cohort, store, tmp_pat
         assert np.abs(reprojected - true_store_px).max() < 0.4
         csv_rows = read_rows(tmp_path / "out" / f"r{row}.csv")
         assert float(csv_rows[0]["tx_mm"]) == pytest.approx(registration["pose"]["translation_mm"][0])
+        assert csv_rows[0]["registration_unconfirmed"] == "False"
         checked += 1
     assert checked >= 1
 
