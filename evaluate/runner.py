@@ -83,6 +83,7 @@ from pelmark.evaluate.tables import (
 )
 from pelmark.evaluate.units import Unit
 from pelmark.evaluate.visibility import (
+    registered_presence,
     PresenceRule,
     validation_rule,
     visibility_rows,
@@ -404,12 +405,13 @@ def _evaluate(
             robust[id(pred)] = errors
 
     # --refine: each run's <run>+reg row follows its raw row; it reuses the robust registration above.
-    ordered, refinements = [], []
+    ordered, refinements, refined_from = [], [], {}
     for split, name, status, pred in raw:
         ordered.append((split, name, status, pred))
         if settings.refine and pred is not None and pred.peak_probability is not None:
             refinement = refine(pred, robust[id(pred)])
             refinements.append(refinement)
+            refined_from[id(pred)] = refinement
             ordered.append((split, refinement.predictions.model, status, refinement.predictions))
     predictions = [pred for *_, pred in ordered if pred is not None]
     rows: dict[Unit, list[TableRow]] = {unit: [] for unit in Unit}
@@ -448,7 +450,13 @@ def _evaluate(
             continue
         own = bool(run.info.get("model_spec", {}).get("segmentation_classes"))
         rules[run.name] = PresenceRule(own=True) if own else validation_rule(run, store, settings.batch_size, settings.workers)
-    shown_runs = [(pred, rules[name]) for split, name, status, pred in raw if pred is not None and name in rules]
+    shown_runs = []
+    for split, name, status, pred in raw:
+        if pred is None or name not in rules:
+            continue
+        shown_runs.append((pred, rules[name]))
+        if id(pred) in refined_from:
+            shown_runs.append(registered_presence(pred, rules[name], refined_from[id(pred)]))
     visibility = visibility_rows(shown_runs, group, classes)
     write_visibility(folder / "visibility.csv", visibility, classes)
     files.append("visibility.csv")

@@ -12,6 +12,11 @@ present
     images (the train-split images the run held out, by its ``val_fraction``
     and ``seed``): the threshold with the best visibility accuracy there
     (the lowest such, on a tie). A store without those images falls back to 0.5.
+    A ``<run>+reg`` row (``pelmark eval --refine``) calls a landmark present
+    where the robust pose of the run's found landmarks projects its CT
+    landmark into the image: the anatomy, not the heatmap, says what is in the
+    field of view, which is what "visible" means here. An image whose
+    registration failed or is unconfirmed keeps the run's own calls.
 accuracy, precision, recall
     Over every (image, landmark) pair: accuracy of "present" against the truth
     (the landmark on the model's image), precision and recall of "present".
@@ -48,7 +53,22 @@ class PresenceRule:
     source: str = ""
 
     def describe(self) -> str:
-        return "model's visibility output" if self.own else f"peak sigmoid >= {self.threshold:.4g} ({self.source})"
+        if self.own:
+            return self.source or "model's visibility output"
+        return f"peak sigmoid >= {self.threshold:.4g} ({self.source})"
+
+
+REGISTERED_PRESENCE = "registered CT landmark inside the image (the run's rule where the registration failed or is unconfirmed)"
+
+
+def registered_presence(raw: Predictions, rule: PresenceRule, refinement) -> tuple[Predictions, PresenceRule]:
+    """The ``<run>+reg`` predictor with its "present" calls: its projection lies in the image (see the module docstring).
+
+    ``refinement`` is the :class:`~pelmark.evaluate.refine.Refinement` of ``raw``.
+    """
+    keep_raw = (refinement.failed | refinement.unconfirmed)[:, None]
+    present = np.where(keep_raw, presence(raw, rule), ~refinement.outside)
+    return dataclasses.replace(refinement.predictions, present=present), PresenceRule(own=True, source=REGISTERED_PRESENCE)
 
 
 def choose_threshold(peak_probability: np.ndarray, visible: np.ndarray) -> float:

@@ -541,7 +541,7 @@ def test_cli_statistics_and_refined_rows(store, runs, tmp_path):
 
     per_image = list(csv.DictReader(open(out / "per_image.csv", newline="")))
     flags = {r["refine_flag"] for r in per_image if r["model"].endswith("+reg")}
-    assert flags <= {"", "not_found", "outlier", "failed", "outside", "not_found|outside", "outlier|outside"}
+    assert flags <= {"", "not_found", "outlier", "failed", "outside", "not_found|outside", "outlier|outside", "unconfirmed"}
     assert all(r["refine_flag"] == "" for r in per_image if not r["model"].endswith("+reg"))
     assert {r["model"] for r in csv.DictReader(open(out / "pose.csv", newline=""))} == {"run_a", "run_b", "mean-position"}
 
@@ -555,6 +555,11 @@ def test_cli_statistics_and_refined_rows(store, runs, tmp_path):
         (s, m) for s in ("novel_view", "novel_subject") for m in ("run_a+reg", "run_b+reg")
     ]
     assert all(r["images"] == (2 if r["split"] == "novel_view" else 4) for r in refined)
+    visibility = list(csv.DictReader(open(out / "visibility.csv", newline="")))
+    assert [(r["split"], r["model"]) for r in visibility] == [
+        (s, m) for s in ("novel_view", "novel_subject") for m in ("run_a", "run_a+reg", "run_b", "run_b+reg")
+    ]
+    assert all(r["presence"].startswith("registered") == r["model"].endswith("+reg") for r in visibility)
 
     # The same seed gives the same numbers.
     settings = EvalSettings(samples=0, refine=True, bootstrap=500, seed=3, **CPU)

@@ -121,3 +121,32 @@ def test_refine_needs_the_robust_registration():
     predictions = Predictions("m", truth, truth.true_px.copy(), np.ones((1, 8)))
     with pytest.raises(ValueError, match="robust"):
         refine(predictions, pose_metrics(predictions, Registration.PLAIN))
+
+
+def test_registered_presence_calls_a_landmark_outside_the_image_absent():
+    import dataclasses
+
+    from pelmark.evaluate.visibility import PresenceRule, presence, registered_presence, visibility_metrics
+
+    base = _eight_landmark_truth()
+    points = base.landmarks_3d.copy()
+    points[:, 7] = points[:, 0] + [400.0, 0.0, 0.0]  # 40 cm to the side: off a 32 cm field of view
+    true_px = project(torch.from_numpy(points), torch.from_numpy(base.poses), MODEL_CAMERA).numpy()
+    visible = MODEL_CAMERA.contains(torch.from_numpy(true_px)).numpy()
+    assert not visible[:, 7].any() and visible[:, :7].all()
+    truth = dataclasses.replace(base, landmarks_3d=points, true_px=true_px, visible=visible)
+    predicted = true_px.copy()
+    predicted[:, 7] = [120.0, 64.0]  # the detector puts it at the edge, with a confident peak
+    peaks = np.full((4, 8), 0.9)
+    peaks[3, 4:] = 0.1  # image 3: four landmarks found, the least a pose needs, so its pose is unconfirmed
+    raw = Predictions("m", truth, predicted, peaks)
+    rule = PresenceRule(own=False, threshold=0.5, source="test")
+    assert presence(raw, rule)[:3, 7].all()  # the heatmap calls it present
+    refinement = _refined(raw)
+    np.testing.assert_array_equal(refinement.unconfirmed, [False, False, False, True])
+    registered, registered_rule = registered_presence(raw, rule, refinement)
+    present = presence(registered, registered_rule)
+    np.testing.assert_array_equal(present[:3], visible[:3])  # the anatomy puts it off the image
+    np.testing.assert_array_equal(present[3], presence(raw, rule)[3])  # unconfirmed: the run's own calls
+    assert visibility_metrics(registered, present)["accuracy"] > visibility_metrics(raw, presence(raw, rule))["accuracy"]
+    assert registered.model == "m+reg" and "registered" in registered_rule.describe()
