@@ -20,6 +20,11 @@ variants=(
   "ft-bce-control|--bce-weight 1 --pel-weight 0"
   "ft-global-reproj-3ep|--soft-argmax global --pose-loss reprojection --epochs 3"
   "ft-bce-control-3ep|--bce-weight 1 --pel-weight 0 --epochs 3"
+  # Round 3: the combined loss with the global soft-argmax, and a learning rate decayed to 0 over the epoch
+  # (the baseline's largest lever), with its control.
+  "ft-global-combined|--soft-argmax global --pose-loss reprojection --bce-weight 1 --pel-weight 0.1"
+  "ft-global-reproj-cosine|--soft-argmax global --pose-loss reprojection --schedule cosine"
+  "ft-bce-control-cosine|--bce-weight 1 --pel-weight 0 --schedule cosine"
 )
 for seed in $seeds; do
   runs=$out/seed$seed
@@ -32,5 +37,5 @@ for seed in $seeds; do
       --auto-resume --no-progress $args
     names+=("$runs/$name")
   done
-  $pelmark eval "${names[@]}" --store "$store" --out "$runs/eval" --overwrite --no-progress
+  $pelmark eval "${names[@]}" --store "$store" --out "$runs/eval" --overwrite --no-progress --refine
 done

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -30,10 +30,15 @@ def read_rows(out: Path) -> dict[tuple[str, str], list[dict[str, str]]]:
     for path in files:
         with open(path, newline="") as handle:
             seed_rows = list(csv.DictReader(handle))
+        # Every row is compared with the first run (the baseline); a +reg row also with its own run, shown as "vs".
+        first = Counter(row["baseline"] for row in seed_rows).most_common(1)[0][0]
         baselines = {}
         for row in seed_rows:
-            rows[row["split"], row["model"]].append(row)
-            baselines[row["split"], row["baseline"] + " (baseline)"] = {"Mean": row["baseline_Mean"]}
+            if row["baseline"] == first:
+                rows[row["split"], row["model"]].append(row)
+                baselines[row["split"], first + " (baseline)"] = {"Mean": row["baseline_Mean"]}
+            else:
+                rows[row["split"], f"{row['model']} vs {row['baseline']}"].append(row)
         for key, row in baselines.items():
             rows[key].append(row)
     return rows
@@ -87,7 +92,7 @@ def main() -> None:
     print("  ".join(f.ljust(widths[f]) for f in fields))
     for row in table:
         print("  ".join(row[f].ljust(widths[f]) for f in fields))
-    print("mean ± sd over seeds; difference = row - its seed's baseline (model px); "
+    print("mean ± sd over seeds; difference = row - its seed's baseline (or, after 'vs', its own run; model px); "
           "ci_below_0 / ci_above_0: seeds whose paired 95 % interval lies wholly below / above 0")
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
