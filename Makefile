@@ -105,6 +105,8 @@ bench-gpu: $(STAMP) ## Run the benchmarks on CUDA at the sizes of the README's G
 	echo "== renderer, nanodrr (pelmark[gpu])"; $(PY) benchmarks/synth_bench.py --device cuda --renderer nanodrr --batch 16 --size 768 --views 64 --naive-views 1 $(if $(BENCH_CT),--ct $(BENCH_CT)); \
 	echo "== synth pipeline"; $(PY) benchmarks/synth_pipeline_bench.py --device cuda --subjects 4 --views 100 --size 768 --spacing 1.0; \
 	echo "== trainer"; $(PY) benchmarks/train_bench.py --device cuda --size 512 --encoder resnet34 --encoder-depth 5 --batch-size 32 --workers 12 --steps 20; \
+	for where in worker device; do echo "== trainer, basic augmentation, $$where transforms"; \
+	  $(PY) benchmarks/train_bench.py --device cuda --size 512 --encoder resnet34 --encoder-depth 5 --batch-size 32 --workers 12 --steps 20 --augment basic --transforms $$where; done; \
 	echo "== trainer, compiled"; $(PY) benchmarks/train_bench.py --device cuda --size 512 --encoder resnet34 --encoder-depth 5 --batch-size 64 --workers 12 --steps 20 --compile; \
 	echo "== registration"; $(PY) benchmarks/registration_bench.py --device cuda --batch 32 --landmarks 8 --repeats 20
 

@@ -271,6 +271,12 @@ def train(
         show_default="no-compile",
         help="torch.compile the model: faster steps on a GPU after a slower start; needs a C++ compiler on CPU.",
     ),
+    transforms: Optional[str] = typer.Option(
+        None,
+        show_default="auto",
+        help="Where crop, resize, normalisation and basic augmentation run: worker (each DataLoader process, per image), "
+        "device (the trainer, per batch; the workers only read) or auto (device on CUDA, worker on a CPU and for --augment realistic).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     auto_resume: bool = typer.Option(
         False, "--auto-resume", help="Start, or resume an unfinished run in --out; a finished run is left as it is."
@@ -296,7 +302,7 @@ def train(
         init=None if init is None else str(init), pos_weight=pos_weight, pel_weight=pel_weight, bce_weight=bce_weight, softmax_weight=softmax_weight,
         pose_loss=pose_loss, soft_argmax=soft_argmax, soft_argmax_radius=soft_argmax_radius, warmup_steps=warmup_steps,
         schedule=schedule, solver=solver, temperature=temperature, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
-        compile=compile_model,
+        compile=compile_model, transforms=transforms,
     )
     resolved = resolve_config(strategy, table, overrides, config)
     _warn_incomplete(store, allow_incomplete)

@@ -38,6 +38,7 @@ from pelmark.synth.render import RendererKind
 from pelmark.train.augment import Augment
 from pelmark.train.config import Schedule, SoftArgmax
 from pelmark.train.data import TargetKind
+from pelmark.train.device_transforms import Transforms
 
 
 def _choices(values) -> Any:
@@ -128,6 +129,7 @@ class TrainTable(_Strict):
     workers: Optional[NonNegative] = None
     device: Optional[Name] = None
     compile: Optional[bool] = None
+    transforms: Optional[_choices(Transforms)] = None
     checkpoint_every: Optional[NonNegative] = None
     divergence_factor: Optional[Annotated[float, Gt(1)]] = None
     divergence_warmup: Optional[Count] = None

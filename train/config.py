@@ -19,6 +19,7 @@ from pelmark.errors import PelmarkError
 from pelmark.registration import PoseLoss, Solver
 from pelmark.train.augment import Augment
 from pelmark.train.data import TargetKind
+from pelmark.train.device_transforms import Transforms
 
 
 class Strategy(str, enum.Enum):
@@ -123,6 +124,11 @@ class TrainConfig:
         device: auto (CUDA if present), cpu, cuda or cuda:N.
         compile: ``torch.compile`` the model for the training steps (the first steps are slower
             while it compiles; needs a C++ compiler on CPU). Off by default.
+        transforms: where crop, resize, normalisation and ``basic`` augmentation run: ``worker``
+            (the DataLoader processes, per image), ``device`` (the trainer, per batch) or ``auto``
+            (device on CUDA, worker on a CPU and for ``realistic``); see
+            :mod:`pelmark.train.device_transforms`. The two compute the same images up to float32
+            rounding, so a resume may change it.
         checkpoint_every: also write ``last`` every this many steps (0 = at epoch ends only).
         divergence_factor: a loss above this multiple of the mean of the first steps' losses is divergence.
         divergence_warmup: steps whose losses set that reference.
@@ -164,12 +170,13 @@ class TrainConfig:
     workers: int = 2
     device: str = "auto"
     compile: bool = False
+    transforms: Transforms = Transforms.AUTO
     checkpoint_every: int = 50
     divergence_factor: float = 1000.0
     divergence_warmup: int = 10
 
     # Settings that change how a run executes but not what it computes (a resume may change them).
-    RUNTIME_FIELDS = ("workers", "device", "compile", "checkpoint_every")
+    RUNTIME_FIELDS = ("workers", "device", "compile", "transforms", "checkpoint_every")
     # What a resume may change: the runtime settings, and the run's length (to extend it).
     RESUMABLE_FIELDS = (*RUNTIME_FIELDS, "epochs", "max_steps")
 
@@ -199,6 +206,8 @@ class TrainConfig:
             problems.append("val_fraction must be in [0, 1)")
         if self.divergence_factor <= 1.0 or self.divergence_warmup < 1 or self.checkpoint_every < 0:
             problems.append("need divergence_factor > 1, divergence_warmup >= 1, checkpoint_every >= 0")
+        if self.transforms == Transforms.DEVICE and Augment.parse(self.augment) is Augment.REALISTIC:
+            problems.append("transforms device cannot run augment realistic, which runs in the DataLoader workers only: use transforms worker or auto")
         if problems:
             raise PelmarkError("invalid train settings: " + "; ".join(problems))
 
@@ -238,6 +247,7 @@ _ENUMS = {
     "solver": Solver,
     "soft_argmax": SoftArgmax,
     "augment": Augment,
+    "transforms": Transforms,
 }
 
 

@@ -30,6 +30,10 @@ Store access
     The constructor reads only the small ``split`` and ``subject_done`` arrays
     and the attributes; ``__getitem__`` reads one image chunk. The Zarr group
     is opened once per process (workers reopen it after a fork).
+Device transforms
+    Under ``DataSettings.device_transforms`` a sample stops after the read and
+    the draws (the same draws); the trainer crops, resizes, normalises and
+    augments the whole batch on its device (:mod:`pelmark.train.device_transforms`).
 """
 
 from __future__ import annotations
@@ -116,6 +120,9 @@ class DataSettings:
     # Also read each image's bone label map (the store's ``segmentation``), cropped like the image and
     # resized by nearest neighbour: ``segmentation`` in a sample (for the seg-informed strategy).
     segmentation: bool = False
+    # The workers only read: a sample holds the store image, its labels and the draws, and the trainer makes
+    # the model inputs of a whole batch on its device (pelmark.train.device_transforms).
+    device_transforms: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "augment", Augment.parse(self.augment))
@@ -131,6 +138,8 @@ class DataSettings:
             raise PelmarkError("disk_radius_px and gaussian_sigma_px must be positive, noise_std non-negative")
         if not self.splits:
             raise PelmarkError("no splits were asked for")
+        if self.device_transforms and self.augment is Augment.REALISTIC:
+            raise PelmarkError("the realistic augmentation runs in the DataLoader workers only: use transforms worker (or auto)")
 
 
 def intrinsics_tensor(camera: Camera) -> Tensor:
@@ -270,6 +279,15 @@ class StoreDataset(Dataset):
         intrinsics: (8,) float64 model camera, order :data:`INTRINSICS_FIELDS`
             (:func:`camera_from_intrinsics` inverts it).
         index: the store row.
+        segmentation: (S, S) int64 bone labels (an empty tensor unless ``settings.segmentation``).
+
+    Under ``settings.device_transforms`` ``image`` and ``segmentation`` are left to the trainer
+    (:mod:`pelmark.train.device_transforms`), and a sample holds instead:
+        store_image: (H, W) the store image, uncropped, in the store's dtype.
+        crop: (4,) int64 top, left, height, width of the crop in store pixels.
+        intensity: (2,) float64 ``basic``'s gamma and contrast (empty otherwise).
+        noise: (S, S) float32 ``basic``'s standard normal noise (empty otherwise).
+        store_segmentation: (H, W) uint8 the store's bone labels (empty unless ``settings.segmentation``).
     """
 
     def __init__(self, store_path: str | Path, settings: DataSettings, indices: list[int] | np.ndarray | None = None):
@@ -355,9 +373,13 @@ class StoreDataset(Dataset):
         mean = image.mean()
         image = (image - mean) * params.contrast + mean
         if self.settings.noise_std > 0:
-            noise = np.random.default_rng(params.noise_seed).standard_normal(image.shape, dtype=np.float32)
-            image = image + self.settings.noise_std * torch.from_numpy(noise)
+            image = image + self.settings.noise_std * self._noise(params, image.shape)
         return image
+
+    @staticmethod
+    def _noise(params: IntensityParams, shape: tuple[int, ...]) -> Tensor:
+        """``basic``'s standard normal noise field, numpy's stream from the draw's seed."""
+        return torch.from_numpy(np.random.default_rng(params.noise_seed).standard_normal(shape, dtype=np.float32))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = int(self.rows[i])
@@ -366,6 +388,9 @@ class StoreDataset(Dataset):
         realistic = self.realistic_params(row)
         size = self.settings.size
         camera = self.model_camera(crop)
+
+        if self.settings.device_transforms:
+            return self._store_sample(group, row, crop, intensity, camera)
 
         image = torch.from_numpy(np.asarray(group["images"][row], dtype=np.float32))
         image = resize_image(image[crop.top : crop.top + crop.height, crop.left : crop.left + crop.width], size, size)
@@ -404,14 +429,54 @@ class StoreDataset(Dataset):
             "segmentation": labels,
         }
 
+    def _store_sample(self, group, row: int, crop: CropParams, intensity: IntensityParams | None, camera: Camera) -> dict[str, Any]:
+        """The sample of ``device_transforms``: what the store holds, the draws, and the landmarks as above.
+
+        The image and the labels are the store's, uncropped (so the images of a batch stack) and in the
+        store's dtype; :func:`pelmark.train.device_transforms.model_inputs` makes them into the sample's
+        ``image`` and ``segmentation``. Landmarks, visibility, pose and camera are those of ``__getitem__``:
+        a few points, computed here by the same code.
+        """
+        size = self.settings.size
+        store_px = torch.from_numpy(np.asarray(group["landmarks_2d"][row], dtype=np.float64))
+        landmarks_px = self.camera.pixels_to(camera, store_px)
+        visible = torch.from_numpy(np.asarray(group["visible"][row], dtype=bool)) & camera.contains(landmarks_px)
+        noise = torch.zeros(0)
+        if intensity is not None and self.settings.noise_std > 0:
+            noise = self._noise(intensity, (size, size))
+        if self.settings.segmentation:
+            self._check_labels(group)
+            labels = torch.from_numpy(np.asarray(group["segmentation"][row], dtype=np.uint8))
+        else:
+            labels = torch.zeros(0)  # as the worker path's empty labels
+        return {
+            "store_image": torch.from_numpy(np.asarray(group["images"][row])),
+            "crop": torch.tensor([crop.top, crop.left, crop.height, crop.width], dtype=torch.int64),
+            "intensity": torch.tensor([intensity.gamma, intensity.contrast] if intensity is not None else [], dtype=torch.float64),
+            "noise": noise,
+            "store_segmentation": labels,
+            "landmarks_px": landmarks_px.to(torch.float32),
+            "visible": visible,
+            "heatmap_target": (
+                heatmap_targets(landmarks_px, visible, size, size, self.settings) if self.settings.targets else torch.zeros(0)
+            ),
+            "pose": torch.from_numpy(np.asarray(group["pose"][row], dtype=np.float64)),
+            "landmarks_3d": torch.from_numpy(np.asarray(group["landmarks_3d"][row], dtype=np.float32)),
+            "intrinsics": intrinsics_tensor(camera),
+            "index": row,
+        }
+
+    def _check_labels(self, group) -> None:
+        if "segmentation" not in group:
+            raise PelmarkError("store has no bone labels ('segmentation'); synthesise it from a manifest with [dataset] classes", self.store_path)
+
     def _labels(self, group, row: int, crop: CropParams) -> Tensor:
         """(S, S) int64 bone labels of store ``row`` under ``crop``, resized by nearest neighbour at pixel centres.
 
         ``nearest-exact`` takes the source pixel whose centre is closest to each output pixel's centre,
         the pixel-edge-to-pixel-edge convention of :func:`resize_image`.
         """
-        if "segmentation" not in group:
-            raise PelmarkError("store has no bone labels ('segmentation'); synthesise it from a manifest with [dataset] classes", self.store_path)
+        self._check_labels(group)
         labels = torch.from_numpy(np.asarray(group["segmentation"][row], dtype=np.uint8))
         labels = labels[crop.top : crop.top + crop.height, crop.left : crop.left + crop.width]
         size = self.settings.size

@@ -61,6 +61,7 @@ from pelmark.train.checkpoint import (
 )
 from pelmark.train.config import RunStatus, Schedule, SoftArgmax, Strategy, TrainConfig
 from pelmark.train.data import CropParams, DataSettings, StoreDataset, heatmap_targets
+from pelmark.train.device_transforms import Transforms, model_inputs, resolve_transforms
 from pelmark.train.losses import pel_term, segmentation_loss, spatial_softmax_loss
 from pelmark.train.metrics import landmark_rmse, mean_rmse
 from pelmark.train.model import ModelSpec, build_model, hard_argmax, load_weights
@@ -164,7 +165,7 @@ def _rank_part(batch: np.ndarray, dist: Distributed) -> list[int]:
 
 def _micro_batches(batch: dict[str, Any], pieces: int) -> list[dict[str, Any]]:
     """Split a collated batch into up to ``pieces`` contiguous parts (as DDP splits a global batch across processes)."""
-    size = len(batch["image"])
+    size = len(batch["index"])
     bounds = np.array_split(np.arange(size), min(pieces, size))
     return [{k: v[int(b[0]) : int(b[-1]) + 1] for k, v in batch.items()} for b in bounds]
 
@@ -211,6 +212,10 @@ class Trainer:
         self.classes = reader.classes if seg_informed else ()
         if seg_informed and not self.classes:
             raise PelmarkError("seg-informed trains on bone labels, which this store has not: synthesise it from a manifest with [dataset] classes and segmentations", store)
+        # Under device transforms the workers only read, and every batch (training, validation and
+        # BatchNorm's) gets its crop, resize, normalisation and augmentation here (see _inputs).
+        self.transforms = resolve_transforms(config.transforms, dist.device, config.augment)
+        self.transforms_on_device = self.transforms is Transforms.DEVICE
         data = DataSettings(
             size=config.size,
             target=config.target,
@@ -219,15 +224,16 @@ class Trainer:
             splits=(Split.TRAIN,),
             seed=config.seed,
             segmentation=seg_informed,
+            device_transforms=self.transforms_on_device,
         )
         rows = StoreDataset(store, data).rows
         train_rows, val_rows = split_validation(rows, config.val_fraction, config.seed)
         if len(train_rows) < dist.world:
             raise PelmarkError(f"{len(train_rows)} training images cannot feed {dist.world} processes", store)
         self.data_settings = dataclasses.replace(data, augment=config.augment)
-        # On CUDA the heatmap targets are drawn on the device, for the whole batch at once (see
-        # _targets): the workers then neither build nor collate and pin 4 bytes x landmarks x size².
-        self.targets_on_device = dist.device.type == "cuda"
+        # On CUDA (and under device transforms) the heatmap targets are drawn on the device, for the whole
+        # batch at once (see _targets): the workers then neither build nor collate and pin 4 bytes x landmarks x size².
+        self.targets_on_device = dist.device.type == "cuda" or self.transforms_on_device
         worker_settings = dataclasses.replace(self.data_settings, targets=not self.targets_on_device)
         self.train_set = StoreDataset(store, worker_settings, indices=train_rows)
         self.val_set = StoreDataset(store, dataclasses.replace(data, targets=False), indices=val_rows) if len(val_rows) else None
@@ -359,11 +365,22 @@ class Trainer:
         self.scheduler.step()
         return row
 
+    def _inputs(self, batch: dict[str, Any], settings: DataSettings) -> dict[str, Any]:
+        """The batch on the device, its model inputs made there under device transforms (``settings``: its dataset's)."""
+        # From pinned memory (CUDA) the copies run while the host goes on queueing kernels.
+        batch = {k: v.to(self.dist.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return model_inputs(batch, settings) if self.transforms_on_device else batch
+
+    def _images(self, batch: dict[str, Any], settings: DataSettings) -> torch.Tensor:
+        """The batch's model input images on the device (only they are copied under worker transforms)."""
+        if not self.transforms_on_device:
+            return batch["image"].to(self.dist.device, non_blocking=True)
+        return self._inputs(batch, settings)["image"]
+
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The strategy's loss on one (micro-)batch, and its parts for the log."""
         config, device = self.config, self.dist.device
-        # From pinned memory (CUDA) the copies run while the host goes on queueing kernels.
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = self._inputs(batch, self.train_set.settings)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = self.net(batch["image"])
         logits = logits.float()
@@ -470,10 +487,11 @@ class Trainer:
         dataset = self.calibration_set
         self.model.train()
         for batch in self._batches(dataset, batches):
-            if len(batch["image"]) < 2:
+            if len(batch["index"]) < 2:
                 continue
+            images = self._images(batch, dataset.settings)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda"):
-                self.model(batch["image"].to(self.dist.device, non_blocking=True))
+                self.model(images)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
 
@@ -487,8 +505,9 @@ class Trainer:
         positions = np.arange(len(self.val_set))
         batches = [positions[i : i + self.config.batch_size].tolist() for i in range(0, len(positions), self.config.batch_size)]
         for batch in self._batches(self.val_set, batches):
+            images = self._images(batch, self.val_set.settings)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda"):
-                logits = self.model(batch["image"].to(self.dist.device, non_blocking=True))
+                logits = self.model(images)
             predicted.append(hard_argmax(logits.float()[:, : len(self.landmark_names)]).cpu().numpy())
             true.append(batch["landmarks_px"].numpy())
             visible.append(batch["visible"].numpy())

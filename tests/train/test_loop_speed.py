@@ -85,10 +85,11 @@ def test_cuda_trainer_uses_channels_last_cudnn_autotuning_and_device_targets(sto
     trainer = _trainer(store, tmp_path, device="cuda")
     assert torch.backends.cudnn.benchmark
     assert trainer.targets_on_device and not trainer.train_set.settings.targets
+    assert trainer.transforms_on_device  # auto on CUDA: the workers only read (test_device_transforms.py)
     convolution = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert convolution.weight.is_contiguous(memory_format=torch.channels_last)
     batch = next(iter(trainer._batches(trainer.train_set, [[0, 1]])))
-    assert batch["image"].is_pinned() and batch["heatmap_target"].numel() == 0
+    assert batch["store_image"].is_pinned() and batch["heatmap_target"].numel() == 0
     targets = trainer._targets({k: v.cuda() for k, v in batch.items() if torch.is_tensor(v)})
     assert targets.device.type == "cuda" and targets.shape == (2, batch["visible"].shape[1], 32, 32)
     row = trainer.step(batch)
