@@ -118,6 +118,7 @@ class TrainTable(_Strict):
     seg_weight: Optional[NonNegativeFloat] = None
     kl_weight: Optional[NonNegativeFloat] = None
     visibility_weight: Optional[NonNegativeFloat] = None
+    visibility_warmup_steps: Optional[NonNegative] = None
     soft_argmax: Optional[_choices(SoftArgmax)] = None
     soft_argmax_radius: Optional[Count] = None
     pose_loss: Optional[_choices(PoseLoss)] = None

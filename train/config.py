@@ -111,6 +111,9 @@ class TrainConfig:
         seg_weight, kl_weight, visibility_weight: seg-informed's loss weights (seed 003: 1, 0.1, 10), of
             Dice + cross-entropy, the heatmaps' KL divergence and the visibility loss
             (:mod:`pelmark.train.seg_informed`).
+        visibility_warmup_steps: the visibility loss's weight rises linearly from 0 to
+            ``visibility_weight`` over this many first steps, so that the heatmaps form before it
+            pushes the peaks of often-absent landmarks down (0 = full weight from the start, seed 003's).
         soft_argmax, soft_argmax_radius: the points PEL registers: ``global`` (paper eqs. 1-2)
             or ``local`` (a window of this radius, in model px, around the hard argmax).
         pose_loss: paper (eq. 10), geodesic, mtre or reprojection (see :mod:`pelmark.registration.losses`).
@@ -159,6 +162,7 @@ class TrainConfig:
     seg_weight: float = 1.0
     kl_weight: float = 0.1
     visibility_weight: float = 10.0
+    visibility_warmup_steps: int = 0
     soft_argmax: SoftArgmax = SoftArgmax.GLOBAL
     soft_argmax_radius: int = 3
     pose_loss: PoseLoss = PoseLoss.PAPER
@@ -196,6 +200,8 @@ class TrainConfig:
             problems.append("bce_weight and softmax_weight must not be negative")
         if min(self.seg_weight, self.kl_weight, self.visibility_weight) < 0:
             problems.append("seg_weight, kl_weight and visibility_weight must not be negative")
+        if self.visibility_warmup_steps < 0:
+            problems.append("visibility_warmup_steps must not be negative")
         if self.soft_argmax_radius < 1:
             problems.append("soft_argmax_radius must be at least 1")
         if self.warmup_steps < 0:

@@ -75,6 +75,13 @@ STEP_FIELDS = (
 EPOCH_FIELDS = ("epoch", "step", "train_loss", "val_rmse_px", "seconds")
 
 
+def visibility_weight(config: TrainConfig, step: int) -> float:
+    """The visibility loss's weight at optimiser ``step`` (0-based): ``visibility_weight``, ramped over the warm-up."""
+    if config.visibility_warmup_steps <= 0:
+        return config.visibility_weight
+    return config.visibility_weight * min(1.0, (step + 1) / config.visibility_warmup_steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunReport:
     """What a finished (or stopped) run reports back."""
@@ -403,7 +410,7 @@ class Trainer:
                 batch["visible"],
                 self.landmark_bones,
                 config.gaussian_sigma_px,
-                (config.seg_weight, config.kl_weight, config.visibility_weight),
+                (config.seg_weight, config.kl_weight, visibility_weight(config, self.state.step)),
             )
             loss = loss + terms.loss
             row.update(terms.log)

@@ -153,3 +153,15 @@ def test_seg_informed_refuses_a_store_without_labels(tmp_path):
     store = write_bead_store(tmp_path / "plain")
     with pytest.raises(PelmarkError, match="bone labels"):
         train(resolve_config(Strategy.SEG_INFORMED, {}, TINY), store, tmp_path / "run", progress=False)
+
+
+def test_the_visibility_loss_ramps_in_over_its_warm_up():
+    from pelmark.train.config import Strategy, resolve_config
+    from pelmark.train.loop import visibility_weight
+
+    config = resolve_config(Strategy.SEG_INFORMED, {}, {"visibility_weight": 10.0, "visibility_warmup_steps": 4})
+    assert [visibility_weight(config, step) for step in range(6)] == [2.5, 5.0, 7.5, 10.0, 10.0, 10.0]
+    plain = resolve_config(Strategy.SEG_INFORMED, {}, {"visibility_weight": 10.0})
+    assert plain.visibility_warmup_steps == 0 and visibility_weight(plain, 0) == 10.0  # seed 003: full weight at once
+    with pytest.raises(PelmarkError, match="visibility-warmup-steps must be an integer >= 0"):
+        resolve_config(Strategy.SEG_INFORMED, {}, {"visibility_warmup_steps": -1})
