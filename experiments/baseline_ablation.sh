@@ -9,7 +9,7 @@ store=$1; out=$2
 pelmark=${PELMARK:-.venv/bin/pelmark}
 here=$(dirname "$0")/baseline
 runs=()
-for name in demo-constant demo-constant-cosine demo-constant-augment demo previous-demo gaussian-cosine-narrow demo-gaussian demo-posweight50; do
+for name in demo-constant demo-constant-cosine demo-constant-augment demo previous-demo gaussian-cosine-narrow demo-gaussian demo-posweight50 demo-radius2 demo-resnet34; do
   $pelmark train baseline "$store" --out "$out/$name" --config "$here/$name.toml" --seed 42 --auto-resume --no-progress
   runs+=("$out/$name")
 done
