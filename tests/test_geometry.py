@@ -222,6 +222,24 @@ def test_depth_clamp_keeps_points_behind_source_finite():
     assert torch.isfinite(px).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_project_with_rotated_is_project_with_depth_bit_for_bit(dtype):
+    # The registration's solver projects through the fused form; its pixels must be project's.
+    cam = _camera()
+    pose = torch.from_numpy(g.sample_poses(6, 45.0, 50.0, np.random.default_rng(3)))
+    pose[0, :3] = 0.0  # the Taylor branch at r = 0
+    pose[1, :3] = 1e-5  # and near it
+    pose[2, :3] = torch.tensor([0.0, 0.0, 3.0])  # far from it, past π
+    pose[3, 4] = 900.0  # anterior, behind the source: the depth clamp
+    pose, pts = pose.to(dtype), _random_points(5, 10).expand(6, -1, -1).to(dtype)
+    pixels, depth = g.project_with_depth(pts, pose, cam)
+    assert (depth[3] < 0).all() and (depth[:3] > 0).all()
+    fused_pixels, fused_depth, rotated = g.project_with_rotated(pts, pose, cam)
+    assert torch.equal(fused_pixels, pixels)
+    assert torch.equal(fused_depth, depth)
+    assert torch.equal(rotated + pose[:, None, 3:], g.transform_points(pose, pts))
+
+
 def test_projection_gradcheck():
     cam = _camera()
     pose = torch.from_numpy(g.sample_poses(2, 40.0, 40.0, np.random.default_rng(8))).requires_grad_(True)

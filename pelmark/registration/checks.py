@@ -84,25 +84,26 @@ def prepare(
     w = weights.to(f64)
     points = points_world_mm.to(f64)
 
-    bad_weight = ~torch.isfinite(w)
-    visible = (w > 0) & ~bad_weight
-    finite_entry = torch.isfinite(landmarks).all(-1) & torch.isfinite(points).all(-1)
-    bad_entry = bad_weight | (visible & ~finite_entry)
-    non_finite = bad_entry.any(-1)
+    finite_weight = torch.isfinite(w)
+    visible = (w > 0) & finite_weight
+    finite_landmarks, finite_points = torch.isfinite(landmarks), torch.isfinite(points)
+    finite_entry = finite_landmarks.all(-1) & finite_points.all(-1)
+    bad_entry = ~finite_weight | (visible & ~finite_entry)
     usable = visible & ~bad_entry
     zero = torch.zeros((), dtype=f64, device=landmarks.device)
     # Invisible landmarks keep finite coordinates: d(pose)/d(weight) at weight 0 needs them.
-    landmarks = torch.where(torch.isfinite(landmarks), landmarks, zero)
-    points = torch.where(torch.isfinite(points), points, zero)
+    landmarks = torch.where(finite_landmarks, landmarks, zero)
+    points = torch.where(finite_points, points, zero)
 
-    reason = torch.zeros(landmarks.shape[0], dtype=torch.int64, device=landmarks.device)
-    reason = reason | torch.where(non_finite, int(Degeneracy.NON_FINITE), 0)
-    reason = reason | torch.where(usable.sum(-1) < settings.min_visible, int(Degeneracy.FEW_VISIBLE), 0)
-    collinear = _collinear(points, usable, settings.collinear_tolerance)
-    reason = reason | torch.where(collinear, int(Degeneracy.COLLINEAR), 0)
+    # The flags are distinct bits, so their sum is their union.
+    reason = (
+        bad_entry.any(-1) * int(Degeneracy.NON_FINITE)
+        + (usable.sum(-1) < settings.min_visible) * int(Degeneracy.FEW_VISIBLE)
+        + _collinear(points, usable, settings.collinear_tolerance) * int(Degeneracy.COLLINEAR)
+    )
     visible_weights = torch.where(usable, w, zero)
     # Zero weights pass through (not replaced by a constant): d(pose)/d(weight) at 0 is meaningful.
-    w = torch.where(~bad_entry & (reason == 0)[:, None], w, zero)
+    w = torch.where(~bad_entry & (reason == 0).unsqueeze(-1), w, zero)
     return Problem(
         landmarks_px=landmarks, weights=w, visible_weights=visible_weights, points_world_mm=points, reason=reason
     )
@@ -116,10 +117,10 @@ def _collinear(points: Tensor, visible: Tensor, tolerance: float) -> Tensor:
     invariant I2 = ½(tr(S)² - tr(S²)) = λ1λ2 + λ1λ3 + λ2λ3 lies in [λ1λ2, 3λ1λ2]
     and tr(S) in [λ1, 3λ1], which gives the test without an eigen-decomposition.
     """
-    mask = visible.to(points.dtype)[..., None]
-    count = mask.sum(-2).clamp_min(1.0)
-    centred = (points - (points * mask).sum(-2, keepdim=True) / count[..., None]) * mask
-    scatter = centred.transpose(-1, -2) @ centred
+    mask = visible.to(points.dtype).unsqueeze(-1)
+    count = mask.sum(-2, keepdim=True).clamp_min(1.0)
+    centred = (points - (points * mask).sum(-2, keepdim=True) / count) * mask
+    scatter = torch.bmm(centred.transpose(-1, -2), centred)
     trace = scatter.diagonal(dim1=-2, dim2=-1).sum(-1)
     invariant = 0.5 * (trace.square() - scatter.square().sum((-2, -1)))
     return invariant <= (tolerance * trace).square()
@@ -151,14 +152,16 @@ def solution_reason(
     diag = gauss_newton.diagonal(dim1=-2, dim2=-1)
     tiny = torch.finfo(diag.dtype).tiny
     inv_sqrt = diag.clamp_min(tiny).rsqrt()
-    scaled = gauss_newton * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
-    scaled = torch.where(torch.isfinite(scaled), scaled, torch.zeros_like(scaled))
-    eye = torch.eye(6, dtype=scaled.dtype, device=scaled.device)
-    _, info = torch.linalg.cholesky_ex(scaled - settings.lm.singular_tolerance * eye)
+    scaled = gauss_newton * inv_sqrt.unsqueeze(-1) * inv_sqrt.unsqueeze(-2)
+    scaled = torch.where(torch.isfinite(scaled), scaled, 0.0)
+    scaled.diagonal(dim1=-2, dim2=-1).sub_(settings.lm.singular_tolerance)  # a fresh tensor: - tol·I in place
+    _, info = torch.linalg.cholesky_ex(scaled)
     no_signal = diag.amin(-1) <= settings.lm.singular_tolerance * diag.amax(-1).clamp_min(tiny)
     singular = (info != 0) | no_signal
     not_finite = ~torch.isfinite(pose).all(-1)
-    reason = torch.where(behind, int(Degeneracy.BEHIND_SOURCE), 0)
-    reason = reason | torch.where(singular, int(Degeneracy.SINGULAR), 0)
-    reason = reason | torch.where(not_finite, int(Degeneracy.NON_FINITE), 0)
-    return reason.to(torch.int64)
+    # The flags are distinct bits, so their sum is their union.
+    return (
+        behind * int(Degeneracy.BEHIND_SOURCE)
+        + singular * int(Degeneracy.SINGULAR)
+        + not_finite * int(Degeneracy.NON_FINITE)
+    )

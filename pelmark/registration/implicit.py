@@ -29,6 +29,7 @@ and points below. The tests check all of it against autograd and gradcheck.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -38,9 +39,10 @@ from torch.autograd.function import once_differentiable
 from pelmark.geometry import R_AP, Camera, rodrigues
 from pelmark.registration.objective import (
     Linearisation,
-    chart_jacobian,
     left_jacobian_inverse_apply,
     linearise,
+    moving_rows,
+    row_maps,
 )
 from pelmark.registration.threads import small_problem_threads
 
@@ -74,7 +76,9 @@ class ImplicitPose(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_pose: Tensor) -> tuple[Tensor | None, ...]:
         solution, landmarks_px, weights, points_world_mm, keep = ctx.saved_tensors
-        with small_problem_threads(solution.device, weights.numel()):
+        # Inference mode skips autograd's bookkeeping on every kernel; the gradients leave as
+        # ordinary tensors (autograd may keep one as a leaf's .grad and add to it in place).
+        with small_problem_threads(solution.device, weights.numel()), torch.inference_mode():
             grads = implicit_vjp(
                 grad_pose,
                 solution,
@@ -86,7 +90,7 @@ class ImplicitPose(torch.autograd.Function):
                 ctx.min_depth_mm,
                 wanted=tuple(ctx.needs_input_grad[1:4]),
             )
-        return (None, *grads, None, None, None)
+        return (None, *(None if grad is None else grad.clone() for grad in grads), None, None, None)
 
 
 def implicit_vjp(
@@ -116,7 +120,7 @@ def implicit_vjp(
     Returns:
         (B, L, 2), (B, L) and (B, L, 3) gradients, or None where not wanted.
     """
-    dtype, device = solution.dtype, solution.device
+    dtype = solution.dtype
     grad_pose = grad_pose.to(dtype)
     lin = linearise(points_world_mm, solution, camera, min_depth_mm)
     residual = lin.pixels - landmarks_px
@@ -124,23 +128,23 @@ def implicit_vjp(
     phi = _pixel_force(lin, residual)
     hessian = chart_hessian(lin, residual, weights, curvature, phi)
     # Aᵀ ∂L/∂θ with A = ∂θ/∂δ = diag(J_l⁻¹, I).
-    rhs_rotation = left_jacobian_inverse_apply(solution[:, :3], grad_pose[:, :3], transpose=True)
-    rhs = torch.cat([rhs_rotation, grad_pose[:, 3:]], dim=-1)
-    eye = torch.eye(6, dtype=dtype, device=device)
-    u, info = torch.linalg.solve_ex(torch.where(keep[:, None, None], hessian, eye), rhs)
+    grad_rotation, grad_translation = grad_pose.narrow(-1, 0, 3), grad_pose.narrow(-1, 3, 3)
+    rhs_rotation = left_jacobian_inverse_apply(solution[:, :3], grad_rotation, transpose=True)
+    rhs = torch.cat([rhs_rotation, grad_translation], dim=-1)
+    keep_3d = keep.view(-1, 1, 1)
+    u, info = torch.linalg.solve_ex(torch.where(keep_3d, hessian, _eye6(dtype, solution.device)), rhs)
     ok = keep & (info == 0) & torch.isfinite(u).all(-1)
-    u = torch.where(ok[:, None], u, 0.0)
-    u_omega, u_tau = u[:, None, :3], u[:, None, 3:]
+    u = torch.where(ok.unsqueeze(-1), u, 0.0)
 
     # J_δ u: how each landmark's pixel moves along u (one batched product over all landmarks).
-    jacobian = chart_jacobian(lin)
-    moved_px = (jacobian.flatten(1, 2) @ u[..., None]).reshape(residual.shape)
-    grad_landmarks = weights[..., None] * moved_px if wanted[0] else None
+    moved_px = torch.bmm(lin.jacobian.flatten(1, 2), u.unsqueeze(-1)).view(residual.shape)
+    grad_landmarks = weights.unsqueeze(-1) * moved_px if wanted[0] else None
     grad_weights = -(moved_px * residual).sum(-1) if wanted[1] else None
     grad_points = None
     if wanted[2]:
         # d/dp of -(J_δ u)·e: through the pixel, the projection's curvature and the rotated point's velocity.
-        r_ap = R_AP.to(dtype=dtype, device=device)
+        u_omega, u_tau = u[:, None, :3], u[:, None, 3:]
+        r_ap = R_AP.to(dtype=dtype, device=solution.device)
         velocity_world = torch.linalg.cross(u_omega.expand_as(lin.rotated_mm), lin.rotated_mm, dim=-1) + u_tau
         velocity_camera = velocity_world @ r_ap.T
         world = (
@@ -155,13 +159,18 @@ def implicit_vjp(
     return tuple(None if grad is None else _zero_unless(ok, grad) for grad in grads)
 
 
+@functools.lru_cache(maxsize=8)
+def _eye6(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(6, dtype=dtype, device=device)
+
+
 def _zero_unless(ok: Tensor, grad: Tensor) -> Tensor:
-    return torch.where(ok.reshape(-1, *([1] * (grad.ndim - 1))), grad, 0.0)
+    return torch.where(ok.view(-1, *([1] * (grad.ndim - 1))), grad, 0.0)
 
 
 def _pixel_force(lin: Linearisation, residual: Tensor) -> Tensor:
     """φ = (∂π/∂p')ᵀ e, (B, L, 3): the residual pulled back to the moved point."""
-    return (lin.pixel_per_world.transpose(-1, -2) @ residual[..., None])[..., 0]
+    return (residual.unsqueeze(-1) * lin.pixel_per_world).sum(-2)
 
 
 def _projection_curvature(lin: Linearisation, residual: Tensor) -> Tensor:
@@ -207,27 +216,23 @@ def chart_hessian(
         curvature = _projection_curvature(lin, residual)
     if phi is None:
         phi = _pixel_force(lin, residual)
-    dtype, device = residual.dtype, residual.device
-    r_ap = R_AP.to(dtype=dtype, device=device)
     q = lin.rotated_mm
 
     # G = dX_cam/dδ = R_AP [-[q]× | I] (B, L, 3, 6): row m is (q × R_AP[m], R_AP[m]), linear in
     # R_AP[m]. Gᵀ M G = a ⊗ G_z + G_z ⊗ a with a = xz G_x + yz G_y + ½ zz G_z, so a is the row of
-    # c = xz R_AP[0] + yz R_AP[1] + ½ zz R_AP[2].
-    c = (curvature * curvature.new_tensor([1.0, 1.0, 0.5])) @ r_ap
-    axis_z = r_ap[2].expand_as(q)
-    a = torch.cat([torch.linalg.cross(q, c, dim=-1), c], dim=-1)
-    g_z = torch.cat([torch.linalg.cross(q, axis_z, dim=-1), axis_z], dim=-1)
+    # c = xz R_AP[0] + yz R_AP[1] + ½ zz R_AP[2]; a and G_z come from one product (moving_rows).
+    a_g_z = moving_rows(
+        torch.constant_pad_nd(curvature, (0, 1), 1.0), q, row_maps(residual.dtype, residual.device).curvature
+    )
     # All of H but the trace term is one product Σ_i w_i Σ_rows x ⊗ y over rows per landmark:
     # J_u ⊗ J_u + J_v ⊗ J_v (Gauss-Newton), a ⊗ G_z + G_z ⊗ a (projection curvature) and
     # ½(φ ⊗ q + q ⊗ φ) in the rotation block, the symmetric part of S = Σ w φ qᵀ.
-    phi_0 = torch.cat([phi, torch.zeros_like(phi)], dim=-1)
-    q_0 = torch.cat([q, torch.zeros_like(q)], dim=-1)
-    jacobian = chart_jacobian(lin)
-    left = torch.cat([jacobian, torch.stack([a, g_z, 0.5 * phi_0, 0.5 * q_0], dim=-2)], dim=-2)
-    right = torch.cat([jacobian, torch.stack([g_z, a, q_0, phi_0], dim=-2)], dim=-2)
-    hessian = (left * weights[..., None, None]).flatten(1, 2).transpose(-1, -2) @ right.flatten(1, 2)
+    phi_q = torch.constant_pad_nd(torch.stack([phi, q], dim=-2), (0, 3))  # rows (φ, 0) and (q, 0)
+    left = torch.cat([lin.jacobian, a_g_z, 0.5 * phi_q], dim=-2)
+    right = torch.cat([lin.jacobian, a_g_z.flip(-2), phi_q.flip(-2)], dim=-2)
+    weighted = (left * weights.view(*weights.shape, 1, 1)).flatten(1, 2)
+    hessian = torch.bmm(weighted.transpose(-1, -2), right.flatten(1, 2))
     # The rotation block's - tr(S) I.
     trace = (weights * (phi * q).sum(-1)).sum(-1)
-    hessian.diagonal(dim1=-2, dim2=-1)[:, :3] -= trace[:, None]
+    hessian.diagonal(dim1=-2, dim2=-1).narrow(-1, 0, 3).sub_(trace.unsqueeze(-1))
     return hessian

@@ -12,6 +12,7 @@ worse than the identity, the identity is used.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,11 +29,65 @@ DLT_MIN_POINTS = 6
 _MAX_DISTORTION = 0.5
 
 
+class _Constants(NamedTuple):
+    inverse_rotation: Tensor  # of nominal_extrinsic⁻¹
+    inverse_translation: Tensor
+    centre: Tensor  # (cx, cy)
+    focal: Tensor  # (fx, fy)
+    dlt_rows: Tensor  # (12, 24): see _dlt_rows
+    translation_rows: Tensor  # (12, 8): see _translation_rows
+    eye2: Tensor
+
+
 @functools.lru_cache(maxsize=32)
-def _inverse_nominal_extrinsic(camera: Camera, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Rotation and translation of nominal_extrinsic⁻¹, computed once per camera."""
-    inverse = torch.linalg.inv(nominal_extrinsic(camera, dtype)).to(device)
-    return inverse[:3, :3], inverse[:3, 3]
+def _constants(camera: Camera, dtype: torch.dtype, device: torch.device) -> _Constants:
+    """What the closed form needs of a camera, built once per (camera, dtype, device)."""
+    with torch.inference_mode(False):
+        inverse = torch.linalg.inv(nominal_extrinsic(camera, dtype)).to(device)
+        return _Constants(
+            inverse_rotation=inverse[:3, :3],
+            inverse_translation=inverse[:3, 3],
+            centre=torch.tensor([camera.cx_px, camera.cy_px], dtype=dtype, device=device),
+            focal=torch.tensor([camera.fx, camera.fy], dtype=dtype, device=device),
+            dlt_rows=_dlt_rows(dtype, device),
+            translation_rows=_translation_rows(dtype, device),
+            eye2=torch.eye(2, dtype=dtype, device=device),
+        )
+
+
+def _dlt_rows(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(12, 24) M with [A | b] = ((1, x, y) ⊗ (n, 1)) M, the DLT's two rows per landmark.
+
+    With h = (n, 1) the normalised homogeneous point and (x, y) its ray, the rows
+    are (h, 0, -x n | x) and (0, h, -y n | y): every entry is bilinear in
+    (1, x, y) and h, so one product with this constant builds them.
+    """
+    rows = torch.zeros(3, 4, 2, 12, dtype=dtype, device=device)
+    for k in range(2):
+        rows[0, :, k, 4 * k : 4 * k + 4] = torch.eye(4, dtype=dtype, device=device)  # h
+        rows[1 + k, :3, k, 8:11] = -torch.eye(3, dtype=dtype, device=device)  # -x n (-y n)
+        rows[1 + k, 3, k, 11] = 1.0  # x (y)
+    return rows.reshape(12, 24)
+
+
+def _translation_rows(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(12, 8) M with [A | b] = ((1, x, y) ⊗ (1, q)) M for t given the rotation (q = R p).
+
+    The rows are (1, 0, -x | x q_z - q_x) and (0, 1, -y | y q_z - q_y).
+    """
+    rows = torch.zeros(3, 4, 2, 4, dtype=dtype, device=device)
+    for k in range(2):
+        rows[0, 0, k, k] = 1.0
+        rows[1 + k, 0, k, 2] = -1.0
+        rows[1 + k, 3, k, 3] = 1.0
+        rows[0, 1 + k, k, 3] = -1.0
+    return rows.reshape(12, 8)
+
+
+def _normal_matrix(rows: Tensor, weights: Tensor) -> Tensor:
+    """[A | b]ᵀ W [A | b] (B, n, n) of rows (B, L, 2, n) that share their landmark's weight."""
+    weighted = (rows * weights[..., None, None]).flatten(1, 2)
+    return torch.bmm(weighted.transpose(-1, -2), rows.flatten(1, 2))
 
 
 def closed_form_pose(
@@ -64,48 +119,44 @@ def closed_form_pose(
         block close to a scaled rotation, and every visible point in front of
         the source.
     """
-    dtype, device = landmarks_px.dtype, landmarks_px.device
-    batch = landmarks_px.shape[0]
+    const = _constants(camera, landmarks_px.dtype, landmarks_px.device)
     visible = weights > 0
-    count = visible.sum(-1)
     total = weights.sum(-1, keepdim=True).clamp_min(1e-300)
     centroid = (points_world_mm * weights[..., None]).sum(-2) / total
     centred = points_world_mm - centroid[:, None]
     # Unit-scale coordinates keep the normal equations well conditioned (Hartley).
     scale = (weights * centred.square().sum(-1)).sum(-1, keepdim=True).div(total).clamp_min(1e-18).rsqrt()
     normalised = centred * scale[..., None]
-    homogeneous = torch.cat([normalised, torch.ones_like(normalised[..., :1])], dim=-1)
+    homogeneous = torch.constant_pad_nd(normalised, (0, 1), 1.0)
+    # (1, x, y) with (x, y) the calibrated ray: both systems' rows are bilinear in it.
+    rays = torch.constant_pad_nd((landmarks_px - const.centre) / const.focal, (1, 0), 1.0)
 
-    ray_x = ((landmarks_px[..., 0] - camera.cx_px) / camera.fx)[..., None]
-    ray_y = ((landmarks_px[..., 1] - camera.cy_px) / camera.fy)[..., None]
-    zeros = torch.zeros_like(homogeneous)
-    row_x = torch.cat([homogeneous, zeros, -ray_x * normalised], dim=-1)
-    row_y = torch.cat([zeros, homogeneous, -ray_y * normalised], dim=-1)
-    design = torch.cat([row_x, row_y], dim=-2)  # (B, 2L, 11)
-    target = torch.cat([ray_x, ray_y], dim=-2)  # (B, 2L, 1)
-    weighted = (design * torch.cat([weights, weights], dim=-1)[..., None]).transpose(-1, -2)
-    factor, info = torch.linalg.cholesky_ex(weighted @ design)
-    solution = torch.cholesky_solve(weighted @ target, factor)[..., 0]
-    projection = torch.cat([solution, torch.ones_like(solution[:, :1])], dim=-1).reshape(batch, 3, 4)
+    # All the DLT's normal equations come from one product (see _dlt_rows).
+    normal = _normal_matrix(_bilinear(rays, homogeneous, const.dlt_rows), weights)
+    factor, info = torch.linalg.cholesky_ex(normal[:, :11, :11])
+    solution = torch.cholesky_solve(normal[:, :11, 11:], factor)[..., 0]
+    projection = torch.constant_pad_nd(solution, (0, 1), 1.0).view(-1, 3, 4)
 
     # Undo the normalisation: P_world = P_norm [[s I, -s c], [0, 1]].
     block = projection[..., :3] * scale[..., None]
-    offset = projection[..., 3] - (block @ centroid[..., None])[..., 0]
-    row_norm = block.norm(dim=-1)
+    offset = projection[..., 3] - torch.bmm(block, centroid.unsqueeze(-1)).squeeze(-1)
+    row_norm = torch.linalg.vector_norm(block, dim=-1)
     first = block[:, 0] / row_norm[:, :1]
     second = block[:, 1] - (block[:, 1] * first).sum(-1, keepdim=True) * first
-    second = second / second.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    second = second / torch.linalg.vector_norm(second, dim=-1, keepdim=True).clamp_min(1e-300)
     third = torch.linalg.cross(first, second, dim=-1)
     rotation = torch.stack([first, second, third], dim=-2)
     size = row_norm[:, :2].mean(-1, keepdim=True)
-    rotated = points_world_mm @ rotation.transpose(-1, -2)
-    translation = _translation_given_rotation(rotated, ray_x[..., 0], ray_y[..., 0], weights)
+    rotated = torch.bmm(points_world_mm, rotation.transpose(-1, -2))
+    translation = _translation_given_rotation(rotated, rays, weights, const.translation_rows)
     translation = torch.where(torch.isfinite(translation), translation, offset / size)
 
     # geometry.camera_to_pose without building (B, 4, 4) matrices: θ = nominal⁻¹ [R | t].
-    inverse_rotation, inverse_translation = _inverse_nominal_extrinsic(camera, dtype, device)
     pose = torch.cat(
-        [rotation_to_rotvec(inverse_rotation @ rotation), translation @ inverse_rotation.T + inverse_translation],
+        [
+            rotation_to_rotvec(const.inverse_rotation @ rotation),
+            translation @ const.inverse_rotation.T + const.inverse_translation,
+        ],
         dim=-1,
     )
 
@@ -115,15 +166,22 @@ def closed_form_pose(
     # determined and must be near-orthogonal with equal norms; the third (depth)
     # is weakly determined under the C-arm's mild perspective and only has to
     # agree in sign with their cross product.
-    gram = block[:, :2] @ block[:, :2].transpose(-1, -2) / size[..., None].square()
-    distortion = (gram - torch.eye(2, dtype=dtype, device=device)).abs().amax((-2, -1))
+    image_axes = block[:, :2]
+    gram = torch.bmm(image_axes, image_axes.transpose(-1, -2)) / size.unsqueeze(-1).square()
+    distortion = (gram - const.eye2).abs().amax((-2, -1))
     rigid = (distortion < _MAX_DISTORTION) & ((block[:, 2] * third).sum(-1) > 0)
-    ok = (count >= DLT_MIN_POINTS) & (info == 0) & rigid & in_front & torch.isfinite(pose).all(-1)
-    pose = torch.where(ok[:, None], pose, torch.zeros_like(pose))
+    ok = (visible.sum(-1) >= DLT_MIN_POINTS) & (info == 0) & rigid & in_front & torch.isfinite(pose).all(-1)
+    pose = torch.where(ok[:, None], pose, 0.0)
     return pose, ok
 
 
-def _translation_given_rotation(rotated: Tensor, ray_x: Tensor, ray_y: Tensor, weights: Tensor) -> Tensor:
+def _bilinear(left: Tensor, right: Tensor, rows: Tensor) -> Tensor:
+    """(B, L, 2, n): the rows (left ⊗ right) M of a system whose entries are bilinear in left and right."""
+    outer = (left[..., :, None] * right[..., None, :]).flatten(-2)
+    return (outer @ rows).view(*left.shape[:-1], 2, -1)
+
+
+def _translation_given_rotation(rotated: Tensor, rays: Tensor, weights: Tensor, rows: Tensor) -> Tensor:
     """Least-squares t of x_i (r3·p_i + t_z) = r1·p_i + t_x (and y) for a fixed rotation.
 
     The DLT's translation absorbs the error of its scale, mostly along the
@@ -132,16 +190,12 @@ def _translation_given_rotation(rotated: Tensor, ray_x: Tensor, ray_y: Tensor, w
 
     Args:
         rotated: (B, L, 3) R p_i, the points rotated into the camera axes.
-        ray_x, ray_y: (B, L) calibrated ray coordinates of the detections.
+        rays: (B, L, 3) (1, x, y) with (x, y) the calibrated ray of each detection.
         weights: (B, L).
+        rows: :func:`_translation_rows`.
     """
-    one, zero = torch.ones_like(ray_x), torch.zeros_like(ray_x)
-    row_x = torch.stack([one, zero, -ray_x], dim=-1)
-    row_y = torch.stack([zero, one, -ray_y], dim=-1)
-    design = torch.cat([row_x, row_y], dim=-2)  # (B, 2L, 3)
-    target = torch.cat([ray_x * rotated[..., 2] - rotated[..., 0], ray_y * rotated[..., 2] - rotated[..., 1]], dim=-1)
-    weighted = (design * torch.cat([weights, weights], dim=-1)[..., None]).transpose(-1, -2)
-    translation, _ = torch.linalg.solve_ex(weighted @ design, (weighted @ target[..., None])[..., 0])
+    normal = _normal_matrix(_bilinear(rays, torch.constant_pad_nd(rotated, (1, 0), 1.0), rows), weights)
+    translation, _ = torch.linalg.solve_ex(normal[:, :3, :3], normal[:, :3, 3])
     return translation
 
 
@@ -176,9 +230,11 @@ def starting_poses(
     identity = torch.zeros(1, batch, 6, dtype=dtype, device=device)
     if kind is Init.IDENTITY:
         return identity
-    with torch.no_grad():
+    # Inference mode: no graph, and less bookkeeping per kernel; the result is an ordinary tensor.
+    with torch.inference_mode():
         closed, _ = closed_form_pose(landmarks_px, weights, points_world_mm, camera)
-    return torch.cat([closed[None], identity])
+        starts = torch.cat([closed[None], identity])
+    return starts.clone()
 
 
 def initial_pose(

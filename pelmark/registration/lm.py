@@ -20,8 +20,8 @@ from torch import Tensor
 
 from pelmark.geometry import Camera
 from pelmark.registration.objective import (
-    gauss_newton_system,
     linearise,
+    normal_system,
     retract,
     weighted_cost,
     wrap_rotation,
@@ -96,11 +96,11 @@ def solve_lm(
 
 def _evaluate(
     landmarks_px: Tensor, weights: Tensor, points_world_mm: Tensor, camera: Camera, pose: Tensor, min_depth_mm: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Cost (B,), chart JᵀWJ (B, 6, 6), JᵀWe (B, 6), pixels (B, L, 2) and depths (B, L) at ``pose``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """At ``pose``: [J | e]ᵀ W [J | e] (B, 7, 7) (JᵀWJ, JᵀWe and the cost, see
+    :func:`~pelmark.registration.objective.normal_system`), pixels (B, L, 2) and depths (B, L)."""
     lin = linearise(points_world_mm, pose, camera, min_depth_mm)
-    hessian, gradient, cost = gauss_newton_system(lin, lin.pixels - landmarks_px, weights)
-    return cost, hessian, gradient, lin.pixels, lin.depth_mm
+    return normal_system(lin, lin.pixels - landmarks_px, weights), lin.pixels, lin.depth_mm
 
 
 def _best_start(
@@ -108,19 +108,21 @@ def _best_start(
 ) -> tuple[Tensor, ...]:
     """The candidate with the lowest cost per sample, and its evaluation."""
     count, batch = starts.shape[:2]
-    starts = wrap_rotation(starts.reshape(count * batch, 6))
+    starts = starts.reshape(count * batch, 6)
+    if bool((torch.linalg.vector_norm(starts[:, :3], dim=-1) > math.pi).any()):
+        starts = wrap_rotation(starts)
     evaluated = _evaluate(
-        torch.cat([landmarks_px] * count),
-        torch.cat([weights] * count),
-        torch.cat([points_world_mm] * count),
+        landmarks_px.repeat(count, 1, 1),
+        weights.repeat(count, 1),
+        points_world_mm.repeat(count, 1, 1),
         camera,
         starts,
         min_depth_mm,
     )
     if count == 1:
         return (starts, *evaluated)
-    cost = evaluated[0]
-    cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, math.inf))
+    cost = evaluated[0][:, 6, 6]
+    cost = torch.where(torch.isfinite(cost), cost, math.inf)
     # The first candidate wins ties (argmin returns the first minimum).
     index = cost.reshape(count, batch).argmin(0) * batch + torch.arange(batch, device=starts.device)
     return tuple(x[index] for x in (starts, *evaluated))
@@ -132,19 +134,22 @@ def _iterate(
     points_world_mm: Tensor,
     camera: Camera,
     start: Tensor,
-    cost: Tensor,
-    hessian: Tensor,
-    gradient: Tensor,
+    system: Tensor,
     pixels: Tensor,
     depth: Tensor,
     active: Tensor,
     settings: LMSettings,
     min_depth_mm: float,
 ) -> LMState:
+    # The loop is dispatch-bound (each kernel works on a few hundred numbers), so it is
+    # written for few kernels: JᵀWJ, JᵀWe and the cost share one tensor (one where per
+    # accepted step instead of three), and views replace copies where they can.
     batch = start.shape[0]
     device = start.device
     pose = start
-    damping = torch.full((batch,), settings.initial_damping, dtype=pose.dtype, device=device)
+    # λ per sample, as a column to scale the rows of JᵀWJ's diagonal.
+    damping = torch.full((batch, 1), settings.initial_damping, dtype=pose.dtype, device=device)
+    zero, down, up = pose.new_tensor([0.0, 0.1, 10.0]).unbind()  # where() takes tensors faster than floats
     # The cost is good to about 32 eps Σ w |e| (|l| + |e|) ≤ 32 eps (√(Σ w |l|²) + √E) √E (Cauchy-Schwarz).
     rounding = 32.0 * torch.finfo(pose.dtype).eps
     landmark_norm = weighted_cost(landmarks_px, weights).sqrt()
@@ -155,14 +160,16 @@ def _iterate(
     for _ in range(settings.max_iterations):
         if not running:
             break
+        diagonal = system.diagonal(dim1=-2, dim2=-1)  # diag(JᵀWJ), then the cost
+        cost = diagonal[:, 6]
+        gradient = system[:, :6, 6:]
         # A failed factorisation (all weights 0, or no signal in a direction) gives a
         # zero step: the sample's λ then grows until it stops, flagged later as singular.
-        diag = hessian.diagonal(dim1=-2, dim2=-1)
-        scaled_diag = damping[:, None] * diag
-        factor, info = torch.linalg.cholesky_ex(hessian + torch.diag_embed(scaled_diag))
+        scaled_diag = damping * diagonal[:, :6]
+        factor, info = torch.linalg.cholesky_ex(system[:, :6, :6] + torch.diag_embed(scaled_diag))
         factored = info == 0
-        step = torch.cholesky_solve(gradient.neg()[..., None], factor)[..., 0]
-        step = torch.where(factored[:, None], step, 0.0)
+        # -(H + λD)⁻¹ g, negated after the solve (exactly the same numbers: rounding is symmetric).
+        step = torch.where(factored.unsqueeze(-1), torch.cholesky_solve(gradient, factor).squeeze(-1), zero).neg_()
         trial = retract(pose, step)
         # Whether to wrap shares one synchronisation with the host with the stopping test below.
         rotation2 = trial[:, :3].square().sum(-1)
@@ -172,21 +179,22 @@ def _iterate(
         # iteration per solve. Pixels, depths and JᵀWJ stay those of the last
         # evaluated pose, which differs from the returned one by that step.
         # From (H + λD) δ = -g the model decrease -(2gᵀδ + δᵀHδ) is -gᵀδ + λ δᵀDδ.
-        predicted = ((scaled_diag * step - gradient) * step).sum(-1)
-        small_step = step.norm(dim=-1) <= settings.step_tolerance * (pose.norm(dim=-1) + settings.step_tolerance)
+        predicted = ((scaled_diag * step - gradient.squeeze(-1)) * step).sum(-1)
+        step_norm, pose_norm = torch.linalg.vector_norm(torch.stack([step, pose]), dim=-1).unbind()
+        small_step = step_norm <= settings.step_tolerance * (pose_norm + settings.step_tolerance)
         final = active & factored & (small_step | (predicted <= settings.cost_tolerance * cost))
         wrap, any_final = torch.stack([(rotation2 > math.pi**2).any(), final.any()]).tolist()
         if wrap:
             trial = wrap_rotation(trial)
         if any_final:
-            pose = torch.where(final[:, None], trial, pose)
+            pose = torch.where(final.unsqueeze(-1), trial, pose)
             iterations = iterations + final
             converged = converged | final
             active = active & ~final
             if not bool(active.any()):
                 break
 
-        trial_cost, trial_hessian, trial_gradient, trial_pixels, trial_depth = _evaluate(
+        trial_system, trial_pixels, trial_depth = _evaluate(
             landmarks_px, weights, points_world_mm, camera, trial, min_depth_mm
         )
         # Near the minimum the cost changes by less than its own rounding error,
@@ -194,24 +202,23 @@ def _iterate(
         # rejecting it would only inflate λ and stop short of the minimum.
         root_cost = cost.sqrt()
         slack = rounding * (root_cost + landmark_norm) * root_cost
-        accept = active & (trial_cost < cost + slack)  # False for NaN
+        accept = active & (trial_system[:, 6, 6] < cost + slack)  # False for NaN
+        accept_2d, accept_3d = accept.unsqueeze(-1), accept.view(-1, 1, 1)
 
-        pose = torch.where(accept[:, None], trial, pose)
-        cost = torch.where(accept, trial_cost, cost)
-        hessian = torch.where(accept[:, None, None], trial_hessian, hessian)
-        gradient = torch.where(accept[:, None], trial_gradient, gradient)
-        pixels = torch.where(accept[:, None, None], trial_pixels, pixels)
-        depth = torch.where(accept[:, None], trial_depth, depth)
-        damping = torch.where(accept, damping * 0.1, damping * 10.0).clamp_min(_MIN_DAMPING)
+        pose = torch.where(accept_2d, trial, pose)
+        system = torch.where(accept_3d, trial_system, system)
+        pixels = torch.where(accept_3d, trial_pixels, pixels)
+        depth = torch.where(accept_2d, trial_depth, depth)
+        damping = (damping * torch.where(accept_2d, down, up)).clamp_min_(_MIN_DAMPING)
         iterations = iterations + active
-        active = active & (damping <= settings.max_damping)
+        active = active & (damping.squeeze(-1) <= settings.max_damping)
         running = bool(active.any())
 
     return LMState(
         pose=pose,
         start=start,
-        cost=cost,
-        gauss_newton=hessian,
+        cost=system[:, 6, 6],
+        gauss_newton=system[:, :6, :6],
         pixels=pixels,
         depth_mm=depth,
         iterations=iterations,

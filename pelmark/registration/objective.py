@@ -5,8 +5,10 @@ The cost of a pose θ is the weighted sum of squared reprojection errors
     E(θ) = Σ_i w_i |π(p_i; θ) - l_i|²,
 
 with π :func:`pelmark.geometry.project` (Rodrigues eqs. 5-6, clamped perspective
-division eqs. 7-8). Pixels always come from that one projection; the Jacobian
-below is derived from the same formulas and tested against autograd through it.
+division eqs. 7-8). Pixels always come from that one projection (through
+:func:`pelmark.geometry.project_with_rotated`, the same numbers bit for bit in
+fewer kernels); the Jacobian below is derived from the same formulas and tested
+against autograd through it.
 
 Jacobian. With q = R(r) p (the rotated point before the translation), the
 patient motion p' = q + t has dp'/dt = I and dp'/dr = -[q]× J_l(r), where
@@ -19,6 +21,13 @@ Local chart. For the motion R = exp([ω]×) R(r), t + τ the Jacobian is simply
 (-[q]×, I) without J_l; LM steps in δ = (ω, τ) and maps them back to θ with
 the retraction r + J_l(r)⁻¹ ω, which has the same first-order model (so the
 same convergence) and saves applying J_l to every landmark's Jacobian.
+
+Kernels. The solver evaluates all of this a few times per batch on tensors of a
+few hundred numbers, where each kernel's dispatch costs more than its
+arithmetic, so the code is written for few kernels: a row (q × c, c) of the
+chart Jacobian is bilinear in per-landmark coefficients s and (q, 1), and all
+rows come from one product with a constant (:func:`moving_rows`), and JᵀWJ,
+JᵀWe and the cost from one batched product (:func:`normal_system`).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pelmark.geometry import R_AP, Camera, project_with_depth
+from pelmark.geometry import R_AP, Camera, project_with_rotated
 from pelmark.types import Landmarks2D, Landmarks3D, Pose, Weights
 
 # Below this |r|² the SO(3) Jacobian coefficients use their Taylor series: the
@@ -41,12 +50,7 @@ _SMALL_ANGLE2 = 1e-6
 
 class _Constants(NamedTuple):
     focal: Tensor  # (fx, fy)
-    inverse_focal: Tensor
     centre: Tensor  # (cx, cy)
-    source: Tensor  # (0, 0, sid): X_cam = R_AP p' + source
-    r_ap: Tensor
-    r_ap_xy: Tensor  # (2, 3) the first two rows of R_AP: the camera's x and y axes in the world
-    r_ap_z: Tensor  # (3,) its optical axis in the world
 
 
 @functools.lru_cache(maxsize=32)
@@ -58,16 +62,70 @@ def _constants(camera: Camera, dtype: torch.dtype, device: torch.device) -> _Con
     runs in it), since autograd code uses them later.
     """
     with torch.inference_mode(False):
-        focal = torch.tensor([camera.fx, camera.fy], dtype=dtype, device=device)
         return _Constants(
-            focal=focal,
-            inverse_focal=1.0 / focal,
+            focal=torch.tensor([camera.fx, camera.fy], dtype=dtype, device=device),
             centre=torch.tensor([camera.cx_px, camera.cy_px], dtype=dtype, device=device),
-            source=torch.tensor([0.0, 0.0, camera.sid_mm], dtype=dtype, device=device),
-            r_ap=R_AP.to(dtype=dtype, device=device),
-            r_ap_xy=R_AP[:2].to(dtype=dtype, device=device),
-            r_ap_z=R_AP[2].to(dtype=dtype, device=device),
         )
+
+
+class RowMaps(NamedTuple):
+    """Constant maps of :func:`moving_rows`, built once per (dtype, device) by :func:`row_maps`."""
+
+    jacobian: Tensor  # (16, 12): s = (fx/Z, fy/Z, (u - cx)/Z, (v - cy)/Z) to the rows of J_δ
+    curvature: Tensor  # (16, 12): s = (xz, yz, zz, 1) to the rows a and G_z of the implicit Hessian
+
+
+@functools.lru_cache(maxsize=32)
+def row_maps(dtype: torch.dtype, device: torch.device) -> RowMaps:
+    """The :class:`RowMaps` in ``dtype`` on ``device`` (ordinary tensors, as in :func:`_constants`)."""
+    with torch.inference_mode(False):
+        r_ap = R_AP.to(dtype=dtype, device=device)
+        zero = torch.zeros_like(r_ap[0])
+        # Row k of d(u, v)/dp' is c_k = s_k R_AP[k] - s_{2+k} R_AP[2].
+        jacobian = torch.stack(
+            [
+                torch.stack([r_ap[0], zero]),
+                torch.stack([zero, r_ap[1]]),
+                torch.stack([-r_ap[2], zero]),
+                torch.stack([zero, -r_ap[2]]),
+            ]
+        )
+        # a has c = xz R_AP[0] + yz R_AP[1] + ½ zz R_AP[2] and G_z has c = R_AP[2] (see
+        # implicit.chart_hessian).
+        curvature = torch.stack(
+            [
+                torch.stack([r_ap[0], zero]),
+                torch.stack([r_ap[1], zero]),
+                torch.stack([0.5 * r_ap[2], zero]),
+                torch.stack([zero, r_ap[2]]),
+            ]
+        )
+        return RowMaps(jacobian=_moving_row_map(jacobian), curvature=_moving_row_map(curvature))
+
+
+def _moving_row_map(rows: Tensor) -> Tensor:
+    """(16, 12) M with (s ⊗ q, s) M = the rows (q × c_k, c_k), k = 0, 1, for c_k = Σ_m s_m rows[m, k].
+
+    Such a row, the derivative of a linear function c_kᵀ p' of the moved point
+    p' = exp([ω]×) q + t + τ along the chart δ = (ω, τ), is bilinear in s and
+    (q, 1): row 3m + n of M is the pair for s = e_m and q = e_n (its moment
+    q × c_k), row 12 + m the pair for s = e_m alone (its force c_k).
+
+    Args:
+        rows: (4, 2, 3) c_k for s = e_m.
+    """
+    basis = torch.eye(3, dtype=rows.dtype, device=rows.device)
+    per_omega = torch.linalg.cross(basis[None, :, None, :].expand(4, 3, 2, 3), rows[:, None].expand(4, 3, 2, 3), dim=-1)
+    moment = torch.cat([per_omega, torch.zeros_like(per_omega)], dim=-1)  # q = e_n
+    force = torch.cat([torch.zeros_like(rows), rows], dim=-1)  # the s terms alone
+    return torch.cat([moment.reshape(12, 12), force.reshape(4, 12)])
+
+
+def moving_rows(scales: Tensor, rotated_mm: Tensor, row_map: Tensor) -> Tensor:
+    """(B, L, 2, 6) rows (q × c_k, c_k) from per-landmark coefficients s (B, L, 4), q (B, L, 3)
+    and a map of :func:`row_maps`: one product with a constant instead of cross products."""
+    outer = torch.cat([(scales.unsqueeze(-1) * rotated_mm.unsqueeze(-2)).flatten(-2), scales], dim=-1)
+    return (outer @ row_map).view(*scales.shape[:-1], 2, 6)
 
 
 def _left_jacobian_coefficients(rotvec: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,7 +145,7 @@ def _inverse_coefficient(rotvec: Tensor) -> Tensor:
     small = theta2 < _SMALL_ANGLE2
     theta2_safe = torch.where(small, 1.0, theta2)
     half = theta2_safe.sqrt() / 2.0
-    return torch.where(small, 1.0 / 12.0 + theta2 / 720.0, (1.0 - half / torch.tan(half)) / theta2_safe)
+    return torch.where(small, theta2 / 720.0 + 1.0 / 12.0, torch.rsub(half / torch.tan(half), 1.0) / theta2_safe)
 
 
 def left_jacobian_transpose_apply(rotvec: Tensor, vectors: Tensor) -> Tensor:
@@ -105,12 +163,14 @@ def left_jacobian_inverse_apply(rotvec: Tensor, vectors: Tensor, transpose: bool
     d = _inverse_coefficient(rotvec)
     r_cross = torch.linalg.cross(rotvec, vectors, dim=-1)
     half = 0.5 if transpose else -0.5
-    return vectors + half * r_cross + d[:, None] * torch.linalg.cross(rotvec, r_cross, dim=-1)
+    r_cross2 = torch.linalg.cross(rotvec, r_cross, dim=-1)
+    return torch.addcmul(torch.add(vectors, r_cross, alpha=half), d.unsqueeze(-1), r_cross2)
 
 
 def retract(pose: Pose, step: Tensor) -> Pose:
     """θ moved by a chart step δ = (ω, τ): (r + J_l(r)⁻¹ ω, t + τ), exact to first order."""
-    return pose + torch.cat([left_jacobian_inverse_apply(pose[:, :3], step[:, :3]), step[:, 3:]], dim=-1)
+    omega, tau = step.narrow(-1, 0, 3), step.narrow(-1, 3, 3)
+    return pose + torch.cat([left_jacobian_inverse_apply(pose.narrow(-1, 0, 3), omega), tau], dim=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,16 +178,16 @@ class Linearisation:
     """First-order pieces of the projection at a pose, per landmark.
 
     Attributes:
-        pixels: (B, L, 2) from :func:`pelmark.geometry.project_with_depth`.
+        pixels: (B, L, 2) from :func:`pelmark.geometry.project_with_rotated` (the
+            pixels of :func:`pelmark.geometry.project`, bit for bit).
         depth_mm: (B, L) unclamped depths.
         rotated_mm: (B, L, 3) q = R(r) p, the world point rotated but not translated.
         focal_per_depth: (B, L, 2) (fx/Z, fy/Z) with Z the clamped depth: the diagonal of
             d(u, v)/d(X, Y).
         offset_per_depth: (B, L, 2) ((u - cx)/Z, (v - cy)/Z) where the depth clamp is
             inactive, else 0: minus d(u, v)/dZ.
-        pixel_per_world: (B, L, 2, 3) d(u, v)/dp' = d(u, v)/dX_cam R_AP, also d(u, v)/dt.
-        pixel_per_omega: (B, L, 2, 3) d(u, v)/dω for the left perturbation R -> exp([ω]×) R,
-            rows (q × c_k)ᵀ for the rows c_k of ``pixel_per_world``.
+        jacobian: (B, L, 2, 6) d(u, v)/dδ in the chart δ = (ω, τ): ``pixel_per_omega``
+            then ``pixel_per_world``.
         unclamped_inverse_depth: (B, L) 1/Z where the depth clamp is inactive, else 0
             (the curvature of the perspective division scales with it).
     """
@@ -137,9 +197,19 @@ class Linearisation:
     rotated_mm: Tensor
     focal_per_depth: Tensor
     offset_per_depth: Tensor
-    pixel_per_world: Tensor
-    pixel_per_omega: Tensor
+    jacobian: Tensor
     unclamped_inverse_depth: Tensor
+
+    @property
+    def pixel_per_world(self) -> Tensor:
+        """(B, L, 2, 3) d(u, v)/dp' = d(u, v)/dX_cam R_AP, also d(u, v)/dt."""
+        return self.jacobian[..., 3:]
+
+    @property
+    def pixel_per_omega(self) -> Tensor:
+        """(B, L, 2, 3) d(u, v)/dω for the left perturbation R -> exp([ω]×) R: rows
+        (q × c_k)ᵀ for the rows c_k of ``pixel_per_world``."""
+        return self.jacobian[..., :3]
 
     @property
     def pixel_per_camera(self) -> Tensor:
@@ -151,36 +221,27 @@ def linearise(points_world_mm: Landmarks3D, pose: Pose, camera: Camera, min_dept
     """Project and differentiate once; see the module docstring for the formulas.
 
     Built from differentiable torch ops only, so autograd through it gives exact
-    second derivatives (the tests use this as a reference).
+    second derivatives (the tests use this as a reference). The solver calls it
+    on every iteration, and its cost is the number of kernels: the chart
+    Jacobian is one product with a constant (:func:`moving_rows`).
     """
-    pixels, depth = project_with_depth(points_world_mm, pose, camera, min_depth_mm)
+    pixels, depth, rotated = project_with_rotated(points_world_mm, pose, camera, min_depth_mm)
     const = _constants(camera, pixels.dtype, pixels.device)
-    z = depth.clamp_min(min_depth_mm)
-    inverse_z = z.reciprocal()
-
-    # Camera coordinates are read back from the pixels (X = (u - cx) Z / fx holds
-    # for the clamped Z too), so the projection formula exists only in geometry.
-    offset_px = pixels - const.centre
-    cam_xy = offset_px * z[..., None] * const.inverse_focal
-    cam = torch.cat([cam_xy, depth[..., None]], dim=-1) - const.source
-    rotated = cam @ const.r_ap - pose[..., None, 3:]  # q = R(r) p = R_APᵀ (X_cam - sid e_z) - t
-
-    # d(u, v)/dX_cam has rows (fx/Z, 0, -(u - cx)/Z) and (0, fy/Z, -(v - cy)/Z), so its
-    # product with R_AP is a sum of two outer products (fewer kernels than building it).
-    unclamped_inverse_z = torch.where(depth > min_depth_mm, inverse_z, 0.0)
-    along = const.focal * inverse_z[..., None]  # (B, L, 2)
-    against_depth = offset_px * unclamped_inverse_z[..., None]
-    per_world = along[..., None] * const.r_ap_xy - against_depth[..., None] * const.r_ap_z
-    per_omega = torch.linalg.cross(rotated[..., None, :].expand_as(per_world), per_world, dim=-1)
+    depth_1 = depth.unsqueeze(-1)
+    inverse_z = depth_1.clamp_min(min_depth_mm).reciprocal()
+    unclamped_inverse_z = torch.where(depth_1 > min_depth_mm, inverse_z, 0.0)
+    along = const.focal * inverse_z  # (B, L, 2)
+    against_depth = (pixels - const.centre) * unclamped_inverse_z
+    scales = torch.cat([along, against_depth], dim=-1)
+    jacobian = moving_rows(scales, rotated, row_maps(pixels.dtype, pixels.device).jacobian)
     return Linearisation(
         pixels=pixels,
         depth_mm=depth,
         rotated_mm=rotated,
         focal_per_depth=along,
         offset_per_depth=against_depth,
-        pixel_per_world=per_world,
-        pixel_per_omega=per_omega,
-        unclamped_inverse_depth=unclamped_inverse_z,
+        jacobian=jacobian,
+        unclamped_inverse_depth=unclamped_inverse_z.squeeze(-1),
     )
 
 
@@ -210,7 +271,7 @@ def project_with_jacobian(
 
 def chart_jacobian(lin: Linearisation) -> Tensor:
     """(B, L, 2, 6) pixel Jacobian with respect to the chart δ = (ω, τ)."""
-    return torch.cat([lin.pixel_per_omega, lin.pixel_per_world], dim=-1)
+    return lin.jacobian
 
 
 def weighted_cost(residual_px: Tensor, weights: Weights) -> Tensor:
@@ -234,15 +295,15 @@ def normal_equations(jacobian: Tensor, residual_px: Tensor, weights: Weights) ->
     return hessian, gradient
 
 
-def gauss_newton_system(lin: Linearisation, residual_px: Tensor, weights: Weights) -> tuple[Tensor, Tensor, Tensor]:
-    """JᵀWJ (B, 6, 6), JᵀWe (B, 6) and the cost eᵀWe (B,) in the chart, from one batched product.
+def normal_system(lin: Linearisation, residual_px: Tensor, weights: Weights) -> Tensor:
+    """[J | e]ᵀ W [J | e] (B, 7, 7) in the chart, one batched product.
 
-    [J | e]ᵀ W [J | e] holds all three: its top-left block, last column and last entry.
+    It holds JᵀWJ (its top-left 6x6 block), JᵀWe (the first six entries of its last
+    column) and the cost eᵀWe (its last entry), so a solver keeps all three in one tensor.
     """
-    augmented = torch.cat([lin.pixel_per_omega, lin.pixel_per_world, residual_px[..., None]], dim=-1)  # (B, L, 2, 7)
-    weighted = (augmented * weights[..., None, None]).flatten(1, 2)
-    product = weighted.transpose(-1, -2) @ augmented.flatten(1, 2)
-    return product[:, :6, :6], product[:, :6, 6], product[:, 6, 6]
+    augmented = torch.cat([lin.jacobian, residual_px.unsqueeze(-1)], dim=-1)  # (B, L, 2, 7)
+    weighted = (augmented * weights.view(*weights.shape, 1, 1)).flatten(1, 2)
+    return torch.bmm(weighted.transpose(-1, -2), augmented.flatten(1, 2))
 
 
 def cost_gradient(
@@ -267,7 +328,7 @@ def cost_gradient(
 def wrap_rotation(pose: Pose) -> Pose:
     """The same rigid motions with |r| ≤ π: r ↦ r (|r| - 2π k)/|r| leaves R(r) unchanged."""
     rotvec = pose[..., :3]
-    angle = rotvec.norm(dim=-1, keepdim=True)
+    angle = torch.linalg.vector_norm(rotvec, dim=-1, keepdim=True)
     wrapped = torch.remainder(angle + math.pi, 2.0 * math.pi) - math.pi
     scale = torch.where(angle > math.pi, wrapped / angle.clamp_min(math.pi), torch.ones_like(angle))
     return torch.cat([rotvec * scale, pose[..., 3:]], dim=-1)

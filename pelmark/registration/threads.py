@@ -33,7 +33,8 @@ def small_problem_threads(device: torch.device, landmarks: int) -> Iterator[None
     calling thread only; MKL's setting is process-wide for the block's duration.
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or landmarks > MAX_SINGLE_THREAD_LANDMARKS:
+    # device.type builds a string on every call: asked last.
+    if threads == 1 or landmarks > MAX_SINGLE_THREAD_LANDMARKS or device.type != "cpu":
         yield
         return
     torch.set_num_threads(1)

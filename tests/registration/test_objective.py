@@ -14,8 +14,13 @@ from pelmark.registration.objective import (
     left_jacobian_inverse_apply,
     left_jacobian_transpose_apply,
     linearise,
+    moving_rows,
+    normal_equations,
+    normal_system,
     project_with_jacobian,
     retract,
+    row_maps,
+    weighted_cost,
     wrap_rotation,
 )
 
@@ -79,6 +84,48 @@ def test_chart_hessian_is_the_exact_hessian():
         # The Gauss-Newton part alone is measurably different here.
         gauss_newton = torch.einsum("lki,lkj,l->ij", chart_jacobian(lin)[b], chart_jacobian(lin)[b], weights[b])
         assert (gauss_newton - reference).abs().max() > 1e-6 * scale
+
+
+def test_moving_rows_are_the_cross_product_rows():
+    # (q × c_k, c_k) with c_k = Σ_m s_m rows[m, k], built the long way.
+    generator = torch.Generator().manual_seed(5)
+    scales = torch.randn(3, 4, 4, dtype=F64, generator=generator)
+    rotated = 100.0 * torch.randn(3, 4, 3, dtype=F64, generator=generator)
+    r_ap = g.R_AP
+    zero = torch.zeros(3, dtype=F64)
+    # The Jacobian's c_k: rows (fx/Z, 0, -(u - cx)/Z) and (0, fy/Z, -(v - cy)/Z) of d(u, v)/dX_cam, times R_AP.
+    s_u, s_v, o_u, o_v = scales.unbind(-1)
+    c_u = s_u[..., None] * r_ap[0] - o_u[..., None] * r_ap[2]
+    c_v = s_v[..., None] * r_ap[1] - o_v[..., None] * r_ap[2]
+    expected = torch.stack(
+        [torch.cat([torch.linalg.cross(rotated, c, dim=-1), c], dim=-1) for c in (c_u, c_v)], dim=-2
+    )
+    rows = moving_rows(scales, rotated, row_maps(F64, torch.device("cpu")).jacobian)
+    torch.testing.assert_close(rows, expected, rtol=1e-14, atol=1e-12)
+    # The curvature map: c = xz R_AP[0] + yz R_AP[1] + ½ zz R_AP[2], and R_AP[2] alone.
+    curvature = torch.cat([scales[..., :3], torch.ones_like(scales[..., :1])], dim=-1)
+    xz, yz, zz = scales[..., :3].unbind(-1)
+    c_a = xz[..., None] * r_ap[0] + yz[..., None] * r_ap[1] + 0.5 * zz[..., None] * r_ap[2]
+    c_g = (r_ap[2] + zero).expand_as(c_a)
+    expected = torch.stack(
+        [torch.cat([torch.linalg.cross(rotated, c, dim=-1), c], dim=-1) for c in (c_a, c_g)], dim=-2
+    )
+    rows = moving_rows(curvature, rotated, row_maps(F64, torch.device("cpu")).curvature)
+    torch.testing.assert_close(rows, expected, rtol=1e-14, atol=1e-12)
+
+
+def test_normal_system_holds_gauss_newton_gradient_and_cost():
+    problem = make_problem(4, seed=6, noise_px=3.0)
+    weights = torch.rand(4, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
+    lin = linearise(problem.points_world_mm, problem.pose_true, problem.camera, 1e-3)
+    residual = lin.pixels - problem.landmarks_px
+    system = normal_system(lin, residual, weights)
+    hessian, gradient = normal_equations(chart_jacobian(lin), residual, weights)
+    assert system.shape == (4, 7, 7)
+    torch.testing.assert_close(system[:, :6, :6], hessian)
+    torch.testing.assert_close(system[:, :6, 6], gradient)
+    torch.testing.assert_close(system[:, 6, :6], gradient)
+    torch.testing.assert_close(system[:, 6, 6], weighted_cost(residual, weights))
 
 
 def test_left_jacobian_inverse_and_transpose():
