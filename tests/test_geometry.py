@@ -232,11 +232,20 @@ def test_project_with_rotated_is_project_with_depth_bit_for_bit(dtype):
     pose[2, :3] = torch.tensor([0.0, 0.0, 3.0])  # far from it, past π
     pose[3, 4] = 900.0  # anterior, behind the source: the depth clamp
     pose, pts = pose.to(dtype), _random_points(5, 10).expand(6, -1, -1).to(dtype)
-    pixels, depth = g.project_with_depth(pts, pose, cam)
+    # The unfused arithmetic, written out (project_with_depth itself now routes (B, 6) poses to the fused form).
+    camera_points = g.points_to_camera(pose, pts, cam)
+    depth = camera_points[..., 2]
+    z = depth.clamp_min(g.DEFAULT_MIN_DEPTH_MM)
+    pixels = torch.stack([cam.fx * camera_points[..., 0] / z + cam.cx_px, cam.fy * camera_points[..., 1] / z + cam.cy_px], dim=-1)
     assert (depth[3] < 0).all() and (depth[:3] > 0).all()
     fused_pixels, fused_depth, rotated = g.project_with_rotated(pts, pose, cam)
     assert torch.equal(fused_pixels, pixels)
     assert torch.equal(fused_depth, depth)
+    routed_pixels, routed_depth = g.project_with_depth(pts, pose, cam)
+    assert torch.equal(routed_pixels, pixels) and torch.equal(routed_depth, depth)
+    # Other shapes keep the unfused path: one pose for every point set.
+    single_pixels, _ = g.project_with_depth(pts[0], pose[0], cam)
+    assert torch.allclose(single_pixels, pixels[0], rtol=0, atol=1e-9 if dtype == torch.float64 else 1e-3)
     assert torch.equal(rotated + pose[:, None, 3:], g.transform_points(pose, pts))
 
 
