@@ -165,3 +165,15 @@ def test_the_visibility_loss_ramps_in_over_its_warm_up():
     assert plain.visibility_warmup_steps == 0 and visibility_weight(plain, 0) == 10.0  # seed 003: full weight at once
     with pytest.raises(PelmarkError, match="visibility-warmup-steps must be an integer >= 0"):
         resolve_config(Strategy.SEG_INFORMED, {}, {"visibility_warmup_steps": -1})
+
+
+def test_the_demo_preset_ramps_seed_003s_visibility_weight_in_and_leaves_the_other_strategies_alone():
+    from pelmark.train.config import Strategy, resolve_config
+    from pelmark.train.presets import TRAIN_PRESETS
+
+    demo = TRAIN_PRESETS["demo"]
+    seg = resolve_config(Strategy.SEG_INFORMED, demo)
+    assert (seg.kl_weight, seg.visibility_weight, seg.visibility_warmup_steps) == (1.0, 10.0, 180)
+    for strategy in (Strategy.BASELINE, Strategy.FINETUNE):
+        other = resolve_config(strategy, demo, {"init": "x"} if strategy is Strategy.FINETUNE else None)
+        assert (other.kl_weight, other.visibility_warmup_steps) == (0.1, 0)
