@@ -6,8 +6,11 @@ pixel (row r, column c) at (c, r), as everywhere in pelmark.
 
 CSV, one row per landmark
     ``image, landmark, x_px, y_px, peak_probability, present``; with ``--ct-landmarks`` also
-    ``reprojected_x_px, reprojected_y_px, inlier, registration_degenerate, registration_unconfirmed`` and the pose
-    ``rx_rad, ry_rad, rz_rad, tx_mm, ty_mm, tz_mm`` (the same on every row of an image).
+    ``reprojected_x_px, reprojected_y_px, inlier, registration_degenerate, registration_unconfirmed,
+    present_registered`` and the pose ``rx_rad, ry_rad, rz_rad, tx_mm, ty_mm, tz_mm`` (the same on
+    every row of an image). ``present_registered`` is ``pelmark eval --refine``'s visibility: the
+    reprojected CT landmark lies on the image (``present`` where the registration is degenerate or
+    unconfirmed); on the demo cohort it was right more often than the heatmap's ``present``.
 JSON
     The same rows under ``landmarks``, the pose under ``registration``, and the file's
     geometry: its camera (``camera``), what was read from the header, what was missing
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pelmark.errors import PelmarkError
 from pelmark.infer.predict import ImagePrediction
@@ -87,6 +91,8 @@ def landmark_rows(prediction: ImagePrediction) -> list[dict[str, Any]]:
     """One dict per landmark: the CSV's columns (see the module docstring)."""
     rows = []
     registration = prediction.registration
+    if registration is not None:
+        inside = prediction.prepared.file_camera.contains(torch.from_numpy(np.asarray(registration.reprojected_px))).numpy()
     for i, name in enumerate(prediction.landmark_names):
         row: dict[str, Any] = {
             "image": str(prediction.xray.path),
@@ -102,6 +108,8 @@ def landmark_rows(prediction: ImagePrediction) -> list[dict[str, Any]]:
             row["inlier"] = bool(registration.inliers[i])
             row["registration_degenerate"] = registration.degenerate
             row["registration_unconfirmed"] = registration.unconfirmed
+            trusted = not (registration.degenerate or registration.unconfirmed)
+            row["present_registered"] = bool(inside[i]) if trusted else bool(prediction.present[i])
             row.update({column: float(v) for column, v in zip(POSE_COLUMNS, registration.pose)})
         rows.append(row)
     return rows

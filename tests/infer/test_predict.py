@@ -202,6 +202,9 @@ def test_registration_of_true_landmarks_recovers_the_pose(cohort, store, tmp_pat
         csv_rows = read_rows(tmp_path / "out" / f"r{row}.csv")
         assert float(csv_rows[0]["tx_mm"]) == pytest.approx(registration["pose"]["translation_mm"][0])
         assert csv_rows[0]["registration_unconfirmed"] == "False"
+        # Registered presence: the reprojected landmark on the image, as the store's visibility has it.
+        visible = np.asarray(group["visible"][int(row)], dtype=bool)
+        assert [r["present_registered"] == "True" for r in csv_rows] == visible.tolist()
         checked += 1
     assert checked >= 1
 
