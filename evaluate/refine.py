@@ -17,8 +17,9 @@ that subset agrees with it. Four points fit some pose within RANSAC's 10 px
 almost regardless of where they are (8 equations, 6 unknowns); on the demo
 cohort such a pose, fitted to four clustered pubic detections, one of them
 46 px off, projected an ASIS 758 px away (seed 44's fine-tune, novel
-subjects: +reg 18.80 px against 11.82 raw; 11.39 with the rule). The refined predictor is named ``<run>+reg``; its RMSE is over
-the same visible landmarks as the raw run's, so the two rows compare.
+subjects: +reg 18.80 px against 11.82 raw; 11.39 with the rule). The
+refined predictor is named ``<run>+reg``; its RMSE is over the same visible
+landmarks as the raw run's, so the two rows compare.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from pelmark.evaluate.pose import PoseErrors, Registration
 from pelmark.evaluate.predict import FOUND_PROBABILITY, Predictions
 from pelmark.geometry import project
-from pelmark.registration.robust import MIN_INLIERS
+from pelmark.registration.robust import MIN_INLIERS, unconfirmed
 
 REFINED_SUFFIX = "+reg"
 
@@ -68,6 +69,11 @@ class Refinement:
     failed: np.ndarray
     unconfirmed: np.ndarray
 
+    @property
+    def kept_raw(self) -> np.ndarray:
+        """(N,) images that keep the raw argmax: their registration failed or is unconfirmed."""
+        return self.failed | self.unconfirmed
+
     def flags(self, image: int, landmark: int) -> str:
         """The ``refine_flag`` of one landmark (see :class:`RefineFlag`)."""
         if self.failed[image]:
@@ -85,7 +91,7 @@ class Refinement:
 
     def counts(self) -> dict[str, Any]:
         """Images, failed registrations and landmark counts, for ``summary.json``."""
-        kept = ~(self.failed | self.unconfirmed)[:, None]
+        kept = ~self.kept_raw[:, None]
         return {
             "images": int(len(self.failed)),
             "registration_failed": int(self.failed.sum()),
@@ -119,25 +125,25 @@ def refine(predictions: Predictions, robust: PoseErrors) -> Refinement:
     failed = np.asarray(robust.degenerate, dtype=bool)
     found = predictions.found()
     inliers = np.asarray(robust.inliers, dtype=bool) & found
-    unconfirmed = ~failed & (inliers.sum(axis=1) < MIN_INLIERS)
-    keep_raw = failed | unconfirmed
+    not_confirmed = unconfirmed(failed, inliers)
+    keep_raw = failed | not_confirmed
     refined = np.where(keep_raw[:, None, None], predictions.predicted_px, projected.numpy())
     outside = ~inside & ~keep_raw[:, None]
     name = predictions.model + REFINED_SUFFIX
     refined_predictions = Predictions(name, truth, refined, predictions.peak_probability)
-    return Refinement(refined_predictions, found, inliers, outside, failed, unconfirmed)
+    return Refinement(refined_predictions, found, inliers, outside, failed, not_confirmed)
 
 
 def failure_notes(refinements: list[Refinement]) -> tuple[str, ...]:
     """A note for each refined predictor with failed registrations."""
     notes = []
     for refinement in refinements:
-        failed, unconfirmed = int(refinement.failed.sum()), int(refinement.unconfirmed.sum())
-        if failed or unconfirmed:
+        n_failed, n_unconfirmed = int(refinement.failed.sum()), int(refinement.unconfirmed.sum())
+        if n_failed or n_unconfirmed:
             truth = refinement.predictions.truth
             notes.append(
-                f"{refinement.predictions.model} {truth.split.label}: registration failed on {failed} and was "
-                f"unconfirmed (under {MIN_INLIERS} inliers) on {unconfirmed} of {truth.n_images} images; "
+                f"{refinement.predictions.model} {truth.split.label}: registration failed on {n_failed} and was "
+                f"unconfirmed (under {MIN_INLIERS} inliers) on {n_unconfirmed} of {truth.n_images} images; "
                 "they keep the raw argmax"
             )
     return tuple(notes)

@@ -83,8 +83,8 @@ from pelmark.evaluate.tables import (
 )
 from pelmark.evaluate.units import Unit
 from pelmark.evaluate.visibility import (
-    registered_presence,
     PresenceRule,
+    registered_presence,
     validation_rule,
     visibility_rows,
     write_visibility,
@@ -405,14 +405,13 @@ def _evaluate(
             robust[id(pred)] = errors
 
     # --refine: each run's <run>+reg row follows its raw row; it reuses the robust registration above.
-    ordered, refinements, refined_from = [], [], {}
+    ordered, refined_from = [], {}
     for split, name, status, pred in raw:
         ordered.append((split, name, status, pred))
         if settings.refine and pred is not None and pred.peak_probability is not None:
-            refinement = refine(pred, robust[id(pred)])
-            refinements.append(refinement)
-            refined_from[id(pred)] = refinement
+            refinement = refined_from[id(pred)] = refine(pred, robust[id(pred)])
             ordered.append((split, refinement.predictions.model, status, refinement.predictions))
+    refinements = list(refined_from.values())
     predictions = [pred for *_, pred in ordered if pred is not None]
     rows: dict[Unit, list[TableRow]] = {unit: [] for unit in Unit}
     for split, name, status, pred in ordered:

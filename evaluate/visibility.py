@@ -66,8 +66,7 @@ def registered_presence(raw: Predictions, rule: PresenceRule, refinement) -> tup
 
     ``refinement`` is the :class:`~pelmark.evaluate.refine.Refinement` of ``raw``.
     """
-    keep_raw = (refinement.failed | refinement.unconfirmed)[:, None]
-    present = np.where(keep_raw, presence(raw, rule), ~refinement.outside)
+    present = np.where(refinement.kept_raw[:, None], presence(raw, rule), ~refinement.outside)
     return dataclasses.replace(refinement.predictions, present=present), PresenceRule(own=True, source=REGISTERED_PRESENCE)
 
 

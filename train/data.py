@@ -401,20 +401,29 @@ class StoreDataset(Dataset):
             if intensity is not None:
                 image = self._apply_intensity(image, intensity)
 
+        labels = self._labels(group, row, crop) if self.settings.segmentation else torch.zeros(0)
+        turned = realistic is not None and realistic.rot180
+        if turned:  # the whole geometry turns with the image (see _geometry)
+            image = image.flip(-2, -1)
+            labels = labels.flip(-2, -1) if self.settings.segmentation else labels
+        return {"image": image[None].to(torch.float32).contiguous(), **self._geometry(group, row, camera, turned), "segmentation": labels}
+
+    def _geometry(self, group, row: int, camera: Camera, turned: bool = False) -> dict[str, Any]:
+        """A sample's landmarks, visibility, targets, pose, CT landmarks and camera under model ``camera``.
+
+        ``turned``: the image was turned by 180°, and the whole geometry turns with it, so that
+        projection still gives ``landmarks_px``.
+        """
+        size = self.settings.size
         store_px = torch.from_numpy(np.asarray(group["landmarks_2d"][row], dtype=np.float64))
         landmarks_px = self.camera.pixels_to(camera, store_px)
         pose = torch.from_numpy(np.asarray(group["pose"][row], dtype=np.float64))
-        labels = self._labels(group, row, crop) if self.settings.segmentation else torch.zeros(0)
-        turned = realistic is not None and realistic.rot180
-        if turned:  # the whole geometry turns with the image, so projection still gives landmarks_px
-            image = image.flip(-2, -1)
-            labels = labels.flip(-2, -1) if self.settings.segmentation else labels
+        if turned:
             landmarks_px = turned_points_180(landmarks_px, camera)
             pose = turned_pose_180(pose, camera)
             camera = turned_camera_180(camera)
         visible = torch.from_numpy(np.asarray(group["visible"][row], dtype=bool)) & camera.contains(landmarks_px)
         return {
-            "image": image[None].to(torch.float32).contiguous(),
             "landmarks_px": landmarks_px.to(torch.float32),
             "visible": visible,
             "heatmap_target": (
@@ -426,7 +435,6 @@ class StoreDataset(Dataset):
             "landmarks_3d": torch.from_numpy(np.asarray(group["landmarks_3d"][row], dtype=np.float32)),
             "intrinsics": intrinsics_tensor(camera),
             "index": row,
-            "segmentation": labels,
         }
 
     def _store_sample(self, group, row: int, crop: CropParams, intensity: IntensityParams | None, camera: Camera) -> dict[str, Any]:
@@ -435,12 +443,9 @@ class StoreDataset(Dataset):
         The image and the labels are the store's, uncropped (so the images of a batch stack) and in the
         store's dtype; :func:`pelmark.train.device_transforms.model_inputs` makes them into the sample's
         ``image`` and ``segmentation``. Landmarks, visibility, pose and camera are those of ``__getitem__``:
-        a few points, computed here by the same code.
+        a few points, from the same :meth:`_geometry`.
         """
         size = self.settings.size
-        store_px = torch.from_numpy(np.asarray(group["landmarks_2d"][row], dtype=np.float64))
-        landmarks_px = self.camera.pixels_to(camera, store_px)
-        visible = torch.from_numpy(np.asarray(group["visible"][row], dtype=bool)) & camera.contains(landmarks_px)
         noise = torch.zeros(0)
         if intensity is not None and self.settings.noise_std > 0:
             noise = self._noise(intensity, (size, size))
@@ -455,15 +460,7 @@ class StoreDataset(Dataset):
             "intensity": torch.tensor([intensity.gamma, intensity.contrast] if intensity is not None else [], dtype=torch.float64),
             "noise": noise,
             "store_segmentation": labels,
-            "landmarks_px": landmarks_px.to(torch.float32),
-            "visible": visible,
-            "heatmap_target": (
-                heatmap_targets(landmarks_px, visible, size, size, self.settings) if self.settings.targets else torch.zeros(0)
-            ),
-            "pose": torch.from_numpy(np.asarray(group["pose"][row], dtype=np.float64)),
-            "landmarks_3d": torch.from_numpy(np.asarray(group["landmarks_3d"][row], dtype=np.float32)),
-            "intrinsics": intrinsics_tensor(camera),
-            "index": row,
+            **self._geometry(group, row, camera),
         }
 
     def _check_labels(self, group) -> None:

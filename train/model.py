@@ -179,11 +179,13 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], path: Path) -> No
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        missing = sorted(set(model.state_dict()) - set(weights))
-        extra = sorted(set(weights) - set(model.state_dict()))
-        detail = (f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")) if missing else (
-            f"unexpected {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "") if extra else
-            str(error).strip().splitlines()[-1].strip())  # fmt: skip
+        own = model.state_dict()
+        missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        if missing or extra:
+            names, kind = (missing, "missing") if missing else (extra, "unexpected")
+            detail = f"{kind} {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+        else:  # a tensor of another shape: torch's own last line names it
+            detail = str(error).strip().splitlines()[-1].strip()
         raise PelmarkError(f"its weights do not fit the model: {detail}", Path(path)) from None
 
 

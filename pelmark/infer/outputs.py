@@ -35,8 +35,8 @@ import torch
 
 from pelmark.errors import PelmarkError
 from pelmark.infer.predict import ImagePrediction
-from pelmark.registration.robust import MIN_INLIERS
 from pelmark.io.atomic import write_text_atomic
+from pelmark.registration.robust import MIN_INLIERS
 
 MARKER = ".pelmark-predict"
 POSE_COLUMNS = ("rx_rad", "ry_rad", "rz_rad", "tx_mm", "ty_mm", "tz_mm")
@@ -108,8 +108,7 @@ def landmark_rows(prediction: ImagePrediction) -> list[dict[str, Any]]:
             row["inlier"] = bool(registration.inliers[i])
             row["registration_degenerate"] = registration.degenerate
             row["registration_unconfirmed"] = registration.unconfirmed
-            trusted = not (registration.degenerate or registration.unconfirmed)
-            row["present_registered"] = bool(inside[i]) if trusted else bool(prediction.present[i])
+            row["present_registered"] = bool(inside[i]) if registration.trusted else bool(prediction.present[i])
             row.update({column: float(v) for column, v in zip(POSE_COLUMNS, registration.pose)})
         rows.append(row)
     return rows
@@ -188,7 +187,7 @@ def write_overlay(path: Path, prediction: ImagePrediction) -> None:
     for name, (x, y), found in zip(prediction.landmark_names, points, present):
         ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7, color="red" if found else "0.6")
     registration = prediction.registration
-    if registration is not None and not (registration.degenerate or registration.unconfirmed):
+    if registration is not None and registration.trusted:
         reprojected = registration.reprojected_px
         ax.scatter(reprojected[:, 0], reprojected[:, 1], marker="o", s=60, facecolors="none", edgecolors="lime", linewidths=1.2)
     fig.savefig(path)

@@ -86,6 +86,11 @@ class Registration:
     unconfirmed: bool
     reprojected_px: np.ndarray
 
+    @property
+    def trusted(self) -> bool:
+        """Neither degenerate nor unconfirmed: the pose and its reprojections can be used."""
+        return not (self.degenerate or self.unconfirmed)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImagePrediction:
@@ -149,7 +154,7 @@ def register(oriented_px: torch.Tensor, present: np.ndarray, ct: CTLandmarks, pr
     """The robust pose of the present landmarks (pixels of the turned image) and the CT landmarks projected under it."""
     from pelmark.geometry import project
     from pelmark.registration import register_robust
-    from pelmark.registration.robust import MIN_INLIERS
+    from pelmark.registration.robust import unconfirmed
 
     camera = prepared.oriented_camera
     weights = torch.from_numpy(present.astype(np.float64))[None]
@@ -165,7 +170,7 @@ def register(oriented_px: torch.Tensor, present: np.ndarray, ct: CTLandmarks, pr
         pose=pose[0].numpy(),
         degenerate=degenerate,
         inliers=inliers,
-        unconfirmed=not degenerate and int(inliers.sum()) < MIN_INLIERS,
+        unconfirmed=bool(unconfirmed(degenerate, inliers)),
         reprojected_px=prepared.from_oriented_px(projected).numpy(),
     )
 

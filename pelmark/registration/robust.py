@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +53,16 @@ class RansacSettings:
 # four points fit some pose within the threshold almost wherever they lie (8 equations, 6 unknowns).
 # pelmark eval --refine and pelmark predict keep the raw detections of an unconfirmed pose.
 MIN_INLIERS = RansacSettings.subset_size + 1
+
+
+def unconfirmed(degenerate, inliers):
+    """Whether a pose is not degenerate but has fewer than :data:`MIN_INLIERS` inliers.
+
+    Args:
+        degenerate: a bool, or (N,) bools, per image.
+        inliers: (L,) or (N, L) bools: the landmarks the fit kept.
+    """
+    return ~np.asarray(degenerate, dtype=bool) & (np.asarray(inliers, dtype=bool).sum(axis=-1) < MIN_INLIERS)
 
 
 def register_robust(
