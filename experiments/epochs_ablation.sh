@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Round 4 of the README's ablation: the demo preset at 10 epochs (experiments/baseline/demo-10ep.toml, the preset
+# before) against 16 (experiments/baseline/demo.toml, the preset), each with its default fine-tune, per seed,
+# evaluated together with --refine so that comparison.csv pairs every run with the seed's 10-epoch baseline.
+#
+#   OMP_NUM_THREADS=1 experiments/epochs_ablation.sh STORE OUT [SEED...]
+#
+# Seeds default to 42 43 44 (fixed before any run; the demo trains seed 42). One thread: ~9 and ~12 minutes per
+# baseline on the 2-core CPU.
+set -euo pipefail
+store=$1; out=$2; shift 2
+seeds=${*:-42 43 44}
+pelmark=${PELMARK:-.venv/bin/pelmark}
+here=$(dirname "$0")/baseline
+for seed in $seeds; do
+  runs=$out/seed$seed
+  names=()
+  for entry in "10ep|demo-10ep" "16ep|demo"; do
+    tag=${entry%%|*}; config=$here/${entry#*|}.toml
+    $pelmark train baseline "$store" --out "$runs/baseline-$tag" --config "$config" --seed "$seed" --auto-resume --no-progress
+    $pelmark train finetune "$store" --out "$runs/finetune-$tag" --config "$config" --seed "$seed" \
+      --init "$runs/baseline-$tag" --auto-resume --no-progress
+    names+=("$runs/baseline-$tag" "$runs/finetune-$tag")
+  done
+  $pelmark eval "${names[@]}" --store "$store" --out "$runs/eval" --overwrite --no-progress --refine
+done
