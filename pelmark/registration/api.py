@@ -14,7 +14,13 @@ from pelmark.registration.checks import Problem, prepare, solution_reason
 from pelmark.registration.implicit import ImplicitPose
 from pelmark.registration.init import initial_pose, starting_poses
 from pelmark.registration.lm import solve_lm
-from pelmark.registration.objective import chart_jacobian, linearise, normal_equations, rms_residual_px
+from pelmark.registration.objective import (
+    chart_jacobian,
+    linearise,
+    normal_equations,
+    rms_residual_px,
+    wrap_rotation,
+)
 from pelmark.registration.options import Init, RegistrationSettings, Solver
 from pelmark.registration.result import RegistrationResult
 from pelmark.registration.threads import small_problem_threads
@@ -73,7 +79,9 @@ def register(
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
         if kind is Solver.LM:
             starts = starting_poses(init, *detached, camera)
-            solved = _run_lm(problem, camera, starts, settings, needs_grad)
+            if isinstance(init, Tensor):  # any Rodrigues vector: LM starts from |r| ≤ π, the same rotation
+                starts = wrap_rotation(starts)
+            solved = _run_lm(problem, detached, camera, starts, settings, needs_grad)
         else:
             start = initial_pose(init, *detached, camera, settings.min_depth_mm)
             solved = _run_unrolled(kind, problem, camera, start, settings, needs_grad)
@@ -110,28 +118,28 @@ def _solver(solver: Solver | str) -> Solver:
 
 
 def _run_lm(
-    problem: Problem, camera: Camera, starts: Tensor, settings: RegistrationSettings, needs_grad: bool
+    problem: Problem,
+    detached: tuple[Tensor, Tensor, Tensor],
+    camera: Camera,
+    starts: Tensor,
+    settings: RegistrationSettings,
+    needs_grad: bool,
 ) -> _Solved:
-    """Solve to convergence without a graph; attach the implicit backward if needed."""
-    landmarks, weights, points = problem.landmarks_px, problem.weights, problem.points_world_mm
-    state = solve_lm(
-        landmarks.detach(),
-        weights.detach(),
-        points.detach(),
-        camera,
-        starts,
-        problem.keep,
-        settings.lm,
-        settings.min_depth_mm,
-    )
-    found = solution_reason(state.depth_mm, weights.detach(), state.gauss_newton, state.pose, settings)
-    reason = problem.reason | torch.where(problem.keep, found, 0)
+    """Solve to convergence without a graph; attach the implicit backward if needed.
+
+    ``detached`` holds the problem's landmarks, weights and points detached from the graph.
+    """
+    state = solve_lm(*detached, camera, starts, problem.keep, settings.lm, settings.min_depth_mm)
+    found = solution_reason(state.depth_mm, detached[1], state.gauss_newton, state.pose, settings)
+    # A solved sample had no bit before solving.
+    reason = torch.where(problem.keep, found, problem.reason)
     keep = reason == 0
     solution = torch.where(keep[:, None], state.pose, state.start)
     # Flagged samples return their start, which the solver never left unless it was flagged afterwards.
     residual = _residual(problem, camera, solution, state.pixels, keep | ~problem.keep, settings)
     if needs_grad:
-        pose = ImplicitPose.apply(solution, landmarks, weights, points, keep, camera, settings.min_depth_mm)
+        inputs = (problem.landmarks_px, problem.weights, problem.points_world_mm)
+        pose = ImplicitPose.apply(solution, *inputs, keep, camera, settings.min_depth_mm)
     else:
         pose = solution
     return _Solved(pose, state.start, residual, reason, state.iterations, state.converged)
@@ -180,6 +188,6 @@ def _residual(
     """(B,) RMS reprojection error at ``pose``; ``pixels`` are already its projection where ``at_pose``."""
     with torch.no_grad():
         if not bool(at_pose.all()):
-            fresh = project(problem.points_world_mm.detach(), pose, camera, settings.min_depth_mm)
+            fresh = project(problem.points_world_mm, pose, camera, settings.min_depth_mm)
             pixels = torch.where(at_pose[:, None, None], pixels, fresh)
-        return rms_residual_px(pixels - problem.landmarks_px.detach(), problem.visible_weights.detach())
+        return rms_residual_px(pixels - problem.landmarks_px, problem.visible_weights)  # no graph under no_grad

@@ -9,6 +9,7 @@ a training batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ class Problem:
             not, for reporting residuals.
         points_world_mm: (B, L, 3); non-finite entries are 0.
         reason: (B,) int64 :class:`Degeneracy` bits known before solving.
+        keep: (B,) True for samples that are solved (no bit in ``reason``).
     """
 
     landmarks_px: Tensor
@@ -38,15 +40,15 @@ class Problem:
     visible_weights: Tensor
     points_world_mm: Tensor
     reason: Tensor
-
-    @property
-    def keep(self) -> Tensor:
-        """(B,) True for samples that are solved."""
-        return self.reason == 0
+    keep: Tensor
 
 
-def validate(landmarks_px: Landmarks2D, weights: Weights, points_world_mm: Landmarks3D) -> Landmarks3D:
-    """Check shapes and signs; return the 3D points broadcast to (B, L, 3).
+def validate(landmarks_px: Landmarks2D, weights: Weights, points_world_mm: Landmarks3D) -> tuple[Landmarks3D, bool]:
+    """Check shapes and signs; return the 3D points broadcast to (B, L, 3) and whether every entry is finite.
+
+    The sign test and the finiteness test share one read of the device. A NaN or an
+    infinity anywhere makes the total of all entries non-finite; an overflow of the
+    total only reports a finite batch as not finite, which is handled all the same.
 
     Raises:
         PelmarkError: on a shape mismatch or a negative weight.
@@ -62,9 +64,11 @@ def validate(landmarks_px: Landmarks2D, weights: Weights, points_world_mm: Landm
         raise PelmarkError(
             f"points_world_mm must have shape ({batch}, {count}, 3) or ({count}, 3), got {tuple(points_world_mm.shape)}"
         )
-    if bool((weights < 0).any()):
+    total = landmarks_px.detach().sum() + weights.detach().sum() + points_world_mm.detach().sum()
+    negative, finite = torch.stack([(weights < 0).any(), torch.isfinite(total)]).tolist()
+    if negative:
         raise PelmarkError("weights must be >= 0 (0 marks a landmark that is not visible)")
-    return points_world_mm
+    return points_world_mm, finite
 
 
 def prepare(
@@ -78,35 +82,63 @@ def prepare(
     The returned tensors stay connected to the caller's for autograd (only
     out-of-place ``where``/``to``), and the caller's tensors are never modified.
     """
-    points_world_mm = validate(landmarks_px, weights, points_world_mm)
+    points_world_mm, finite = validate(landmarks_px, weights, points_world_mm)
     f64 = torch.float64
     landmarks = landmarks_px.to(f64)
     w = weights.to(f64)
     points = points_world_mm.to(f64)
-
-    finite_weight = torch.isfinite(w)
-    visible = (w > 0) & finite_weight
-    finite_landmarks, finite_points = torch.isfinite(landmarks), torch.isfinite(points)
-    finite_entry = finite_landmarks.all(-1) & finite_points.all(-1)
-    bad_entry = ~finite_weight | (visible & ~finite_entry)
-    usable = visible & ~bad_entry
     zero = torch.zeros((), dtype=f64, device=landmarks.device)
-    # Invisible landmarks keep finite coordinates: d(pose)/d(weight) at weight 0 needs them.
-    landmarks = torch.where(finite_landmarks, landmarks, zero)
-    points = torch.where(finite_points, points, zero)
 
-    # The flags are distinct bits, so their sum is their union.
-    reason = (
-        bad_entry.any(-1) * int(Degeneracy.NON_FINITE)
-        + (usable.sum(-1) < settings.min_visible) * int(Degeneracy.FEW_VISIBLE)
-        + _collinear(points, usable, settings.collinear_tolerance) * int(Degeneracy.COLLINEAR)
+    if finite:  # nothing to neutralise: the same problem as below, in fewer kernels
+        usable = w > 0
+        flags = []
+    else:
+        finite_weight = torch.isfinite(w)
+        visible = (w > 0) & finite_weight
+        finite_landmarks, finite_points = torch.isfinite(landmarks), torch.isfinite(points)
+        finite_entry = finite_landmarks.all(-1) & finite_points.all(-1)
+        bad_entry = ~finite_weight | (visible & ~finite_entry)
+        usable = visible & finite_entry  # visible and not bad
+        # Invisible landmarks keep finite coordinates: d(pose)/d(weight) at weight 0 needs them.
+        landmarks = torch.where(finite_landmarks, landmarks, zero)
+        points = torch.where(finite_points, points, zero)
+        flags = [(bad_entry.any(-1), Degeneracy.NON_FINITE)]
+
+    reason = _union_of_flags(
+        *flags,
+        (usable.sum(-1) < settings.min_visible, Degeneracy.FEW_VISIBLE),
+        (_collinear(points, usable, settings.collinear_tolerance), Degeneracy.COLLINEAR),
     )
+    keep = reason == 0
     visible_weights = torch.where(usable, w, zero)
     # Zero weights pass through (not replaced by a constant): d(pose)/d(weight) at 0 is meaningful.
-    w = torch.where(~bad_entry & (reason == 0).unsqueeze(-1), w, zero)
+    solve_with = keep.unsqueeze(-1) if finite else ~bad_entry & keep.unsqueeze(-1)
+    w = torch.where(solve_with, w, zero)
     return Problem(
-        landmarks_px=landmarks, weights=w, visible_weights=visible_weights, points_world_mm=points, reason=reason
+        landmarks_px=landmarks,
+        weights=w,
+        visible_weights=visible_weights,
+        points_world_mm=points,
+        reason=reason,
+        keep=keep,
     )
+
+
+def _union_of_flags(*flags: tuple[Tensor, Degeneracy]) -> Tensor:
+    """(B,) int64 :class:`Degeneracy` bits from (B,) bool masks, each with its flag.
+
+    The flags are distinct bits, so their sum is their union: one product of the stacked masks
+    with the flags' values and one sum instead of a product and a sum per flag.
+    """
+    masks, bits = zip(*flags)
+    return (torch.stack(masks, dim=-1) * _flag_values(bits, masks[0].device)).sum(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _flag_values(bits: tuple[Degeneracy, ...], device: torch.device) -> Tensor:
+    # An ordinary tensor even when first asked for under inference mode.
+    with torch.inference_mode(False):
+        return torch.tensor([int(bit) for bit in bits], device=device)
 
 
 def _collinear(points: Tensor, visible: Tensor, tolerance: float) -> Tensor:
@@ -121,9 +153,9 @@ def _collinear(points: Tensor, visible: Tensor, tolerance: float) -> Tensor:
     count = mask.sum(-2, keepdim=True).clamp_min(1.0)
     centred = (points - (points * mask).sum(-2, keepdim=True) / count) * mask
     scatter = torch.bmm(centred.transpose(-1, -2), centred)
-    trace = scatter.diagonal(dim1=-2, dim2=-1).sum(-1)
-    invariant = 0.5 * (trace.square() - scatter.square().sum((-2, -1)))
-    return invariant <= (tolerance * trace).square()
+    trace2 = scatter.diagonal(dim1=-2, dim2=-1).sum(-1).square()
+    # I2 = ½(tr(S)² - tr(S²)) ≤ (tol tr(S))² rearranged, with tr(S²) the sum of the squared entries.
+    return (1.0 - 2.0 * tolerance**2) * trace2 <= scatter.square().sum((-2, -1))
 
 
 def solution_reason(
@@ -153,15 +185,12 @@ def solution_reason(
     tiny = torch.finfo(diag.dtype).tiny
     inv_sqrt = diag.clamp_min(tiny).rsqrt()
     scaled = gauss_newton * inv_sqrt.unsqueeze(-1) * inv_sqrt.unsqueeze(-2)
-    scaled = torch.where(torch.isfinite(scaled), scaled, 0.0)
-    scaled.diagonal(dim1=-2, dim2=-1).sub_(settings.lm.singular_tolerance)  # a fresh tensor: - tol·I in place
+    scaled = torch.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0)  # a fresh tensor
+    scaled.diagonal(dim1=-2, dim2=-1).sub_(settings.lm.singular_tolerance)  # - tol·I in place
     _, info = torch.linalg.cholesky_ex(scaled)
     no_signal = diag.amin(-1) <= settings.lm.singular_tolerance * diag.amax(-1).clamp_min(tiny)
-    singular = (info != 0) | no_signal
-    not_finite = ~torch.isfinite(pose).all(-1)
-    # The flags are distinct bits, so their sum is their union.
-    return (
-        behind * int(Degeneracy.BEHIND_SOURCE)
-        + singular * int(Degeneracy.SINGULAR)
-        + not_finite * int(Degeneracy.NON_FINITE)
+    return _union_of_flags(
+        (behind, Degeneracy.BEHIND_SOURCE),
+        (info.bool() | no_signal, Degeneracy.SINGULAR),
+        (~torch.isfinite(pose).all(-1), Degeneracy.NON_FINITE),
     )

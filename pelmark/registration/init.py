@@ -31,6 +31,7 @@ _MAX_DISTORTION = 0.5
 
 class _Constants(NamedTuple):
     inverse_rotation: Tensor  # of nominal_extrinsic⁻¹
+    inverse_rotation_t: Tensor  # its transpose, contiguous
     inverse_translation: Tensor
     centre: Tensor  # (cx, cy)
     focal: Tensor  # (fx, fy)
@@ -46,6 +47,7 @@ def _constants(camera: Camera, dtype: torch.dtype, device: torch.device) -> _Con
         inverse = torch.linalg.inv(nominal_extrinsic(camera, dtype)).to(device)
         return _Constants(
             inverse_rotation=inverse[:3, :3],
+            inverse_rotation_t=inverse[:3, :3].T.contiguous(),
             inverse_translation=inverse[:3, 3],
             centre=torch.tensor([camera.cx_px, camera.cy_px], dtype=dtype, device=device),
             focal=torch.tensor([camera.fx, camera.fy], dtype=dtype, device=device),
@@ -152,10 +154,11 @@ def closed_form_pose(
     translation = torch.where(torch.isfinite(translation), translation, offset / size)
 
     # geometry.camera_to_pose without building (B, 4, 4) matrices: θ = nominal⁻¹ [R | t].
+    # (The batched product with the constant expanded gives the numbers of a broadcast matmul.)
     pose = torch.cat(
         [
-            rotation_to_rotvec(const.inverse_rotation @ rotation),
-            translation @ const.inverse_rotation.T + const.inverse_translation,
+            rotation_to_rotvec(torch.bmm(const.inverse_rotation.expand_as(rotation), rotation)),
+            translation @ const.inverse_rotation_t + const.inverse_translation,
         ],
         dim=-1,
     )
@@ -170,7 +173,7 @@ def closed_form_pose(
     gram = torch.bmm(image_axes, image_axes.transpose(-1, -2)) / size.unsqueeze(-1).square()
     distortion = (gram - const.eye2).abs().amax((-2, -1))
     rigid = (distortion < _MAX_DISTORTION) & ((block[:, 2] * third).sum(-1) > 0)
-    ok = (visible.sum(-1) >= DLT_MIN_POINTS) & (info == 0) & rigid & in_front & torch.isfinite(pose).all(-1)
+    ok = (visible.sum(-1) >= DLT_MIN_POINTS) & info.logical_not() & rigid & in_front & torch.isfinite(pose).all(-1)
     pose = torch.where(ok[:, None], pose, 0.0)
     return pose, ok
 
@@ -230,11 +233,11 @@ def starting_poses(
     identity = torch.zeros(1, batch, 6, dtype=dtype, device=device)
     if kind is Init.IDENTITY:
         return identity
-    # Inference mode: no graph, and less bookkeeping per kernel; the result is an ordinary tensor.
+    # Inference mode: no graph, and less bookkeeping per kernel; the cat after it makes an
+    # ordinary tensor of the result.
     with torch.inference_mode():
         closed, _ = closed_form_pose(landmarks_px, weights, points_world_mm, camera)
-        starts = torch.cat([closed[None], identity])
-    return starts.clone()
+    return torch.cat([closed[None], identity])
 
 
 def initial_pose(

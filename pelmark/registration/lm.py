@@ -77,7 +77,8 @@ def solve_lm(
         camera: the detector and nominal C-arm.
         starts: (B, 6) starting poses, or (K, B, 6) candidates of which each
             sample starts from the one with the lowest cost (the candidates are
-            evaluated in one batched call, which costs about as much as one).
+            evaluated in one batched call, which costs about as much as one),
+            all with |r| ≤ π (see :func:`~pelmark.registration.objective.wrap_rotation`).
         active: (B,) samples to solve; the others keep their start.
         settings: stopping rules.
         min_depth_mm: depth clamp.
@@ -97,10 +98,12 @@ def solve_lm(
 def _evaluate(
     landmarks_px: Tensor, weights: Tensor, points_world_mm: Tensor, camera: Camera, pose: Tensor, min_depth_mm: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """At ``pose``: [J | e]ᵀ W [J | e] (B, 7, 7) (JᵀWJ, JᵀWe and the cost, see
+    """At ``pose``: [J | -e]ᵀ W [J | -e] (B, 7, 7) (JᵀWJ, -JᵀWe and the cost, see
     :func:`~pelmark.registration.objective.normal_system`), pixels (B, L, 2) and depths (B, L)."""
     lin = linearise(points_world_mm, pose, camera, min_depth_mm)
-    return normal_system(lin, lin.pixels - landmarks_px, weights), lin.pixels, lin.depth_mm
+    # With the residual's sign flipped the system holds -JᵀWe, the steepest descent direction, and
+    # the same JᵀWJ and cost bit for bit (rounding is symmetric): the solve then needs no negation.
+    return normal_system(lin, landmarks_px - lin.pixels, weights), lin.pixels, lin.depth_mm
 
 
 def _best_start(
@@ -109,23 +112,21 @@ def _best_start(
     """The candidate with the lowest cost per sample, and its evaluation."""
     count, batch = starts.shape[:2]
     starts = starts.reshape(count * batch, 6)
-    if bool((torch.linalg.vector_norm(starts[:, :3], dim=-1) > math.pi).any()):
-        starts = wrap_rotation(starts)
+    # cat rather than repeat: the same copies in one cheaper kernel each.
     evaluated = _evaluate(
-        landmarks_px.repeat(count, 1, 1),
-        weights.repeat(count, 1),
-        points_world_mm.repeat(count, 1, 1),
+        torch.cat([landmarks_px] * count),
+        torch.cat([weights] * count),
+        torch.cat([points_world_mm] * count),
         camera,
         starts,
         min_depth_mm,
     )
     if count == 1:
         return (starts, *evaluated)
-    cost = evaluated[0][:, 6, 6]
-    cost = torch.where(torch.isfinite(cost), cost, math.inf)
+    cost = torch.nan_to_num(evaluated[0][:, 6, 6], nan=math.inf, posinf=math.inf, neginf=math.inf)
     # The first candidate wins ties (argmin returns the first minimum).
-    index = cost.reshape(count, batch).argmin(0) * batch + torch.arange(batch, device=starts.device)
-    return tuple(x[index] for x in (starts, *evaluated))
+    index = torch.add(torch.arange(batch, device=starts.device), cost.view(count, batch).argmin(0), alpha=batch)
+    return tuple(x.index_select(0, index) for x in (starts, *evaluated))
 
 
 def _iterate(
@@ -142,56 +143,61 @@ def _iterate(
     min_depth_mm: float,
 ) -> LMState:
     # The loop is dispatch-bound (each kernel works on a few hundred numbers), so it is
-    # written for few kernels: JᵀWJ, JᵀWe and the cost share one tensor (one where per
-    # accepted step instead of three), and views replace copies where they can.
+    # written for few kernels: JᵀWJ, -JᵀWe and the cost share one tensor (one where per
+    # accepted step instead of three), views replace copies where they can, and the host
+    # reads the device once per iteration.
     batch = start.shape[0]
-    device = start.device
     pose = start
     # λ per sample, as a column to scale the rows of JᵀWJ's diagonal.
-    damping = torch.full((batch, 1), settings.initial_damping, dtype=pose.dtype, device=device)
+    damping = torch.full((batch, 1), settings.initial_damping, dtype=pose.dtype, device=pose.device)
     zero, down, up = pose.new_tensor([0.0, 0.1, 10.0]).unbind()  # where() takes tensors faster than floats
     # The cost is good to about 32 eps Σ w |e| (|l| + |e|) ≤ 32 eps (√(Σ w |l|²) + √E) √E (Cauchy-Schwarz).
     rounding = 32.0 * torch.finfo(pose.dtype).eps
     landmark_norm = weighted_cost(landmarks_px, weights).sqrt()
-    iterations = torch.zeros(batch, dtype=torch.int64, device=device)
-    converged = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Which samples ran (stopped) in each iteration: counted (or-ed) once at the end.
+    ran, stopped = [], []
 
-    running = bool(active.any())
     for _ in range(settings.max_iterations):
-        if not running:
-            break
         diagonal = system.diagonal(dim1=-2, dim2=-1)  # diag(JᵀWJ), then the cost
         cost = diagonal[:, 6]
-        gradient = system[:, :6, 6:]
+        descent = system[:, :6, 6:]  # -JᵀWe
         # A failed factorisation (all weights 0, or no signal in a direction) gives a
         # zero step: the sample's λ then grows until it stops, flagged later as singular.
         scaled_diag = damping * diagonal[:, :6]
-        factor, info = torch.linalg.cholesky_ex(system[:, :6, :6] + torch.diag_embed(scaled_diag))
-        factored = info == 0
-        # -(H + λD)⁻¹ g, negated after the solve (exactly the same numbers: rounding is symmetric).
-        step = torch.where(factored.unsqueeze(-1), torch.cholesky_solve(gradient, factor).squeeze(-1), zero).neg_()
+        damped = system[:, :6, :6].clone()
+        damped.diagonal(dim1=-2, dim2=-1).add_(scaled_diag)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        factored = info.logical_not()
+        step = torch.where(factored.unsqueeze(-1), torch.cholesky_solve(descent, factor).squeeze(-1), zero)
         trial = retract(pose, step)
-        # Whether to wrap shares one synchronisation with the host with the stopping test below.
-        rotation2 = trial[:, :3].square().sum(-1)
 
         # A negligible step is taken without evaluating it: its effect on the
         # cost is below rounding, and skipping that evaluation saves a whole
         # iteration per solve. Pixels, depths and JᵀWJ stay those of the last
         # evaluated pose, which differs from the returned one by that step.
-        # From (H + λD) δ = -g the model decrease -(2gᵀδ + δᵀHδ) is -gᵀδ + λ δᵀDδ.
-        predicted = ((scaled_diag * step - gradient.squeeze(-1)) * step).sum(-1)
-        step_norm, pose_norm = torch.linalg.vector_norm(torch.stack([step, pose]), dim=-1).unbind()
+        # From (H + λD) δ = -g the model decrease -(2gᵀδ + δᵀHδ) is -gᵀδ + λ δᵀDδ = (-g + λDδ)ᵀδ.
+        predicted = (torch.addcmul(descent.squeeze(-1), scaled_diag, step) * step).sum(-1)
+        step_norm, pose_norm = torch.linalg.vector_norm(step, dim=-1), torch.linalg.vector_norm(pose, dim=-1)
         small_step = step_norm <= settings.step_tolerance * (pose_norm + settings.step_tolerance)
         final = active & factored & (small_step | (predicted <= settings.cost_tolerance * cost))
-        wrap, any_final = torch.stack([(rotation2 > math.pi**2).any(), final.any()]).tolist()
+        remaining = active ^ final  # final ⊆ active
+        # The one read of the iteration: whether to wrap (the test of wrap_rotation), whether
+        # any sample stopped, and whether any is left.
+        wrap, any_final, any_remaining = (
+            torch.stack([torch.linalg.vector_norm(trial[:, :3], dim=-1) > math.pi, final, remaining])
+            .any(-1)
+            .tolist()
+        )
+        if not (any_final or any_remaining):
+            break  # no sample was active
+        ran.append(active)
+        active = remaining
         if wrap:
             trial = wrap_rotation(trial)
         if any_final:
             pose = torch.where(final.unsqueeze(-1), trial, pose)
-            iterations = iterations + final
-            converged = converged | final
-            active = active & ~final
-            if not bool(active.any()):
+            stopped.append(final)
+            if not any_remaining:
                 break
 
         trial_system, trial_pixels, trial_depth = _evaluate(
@@ -201,8 +207,8 @@ def _iterate(
         # so a step that does not raise it beyond that error counts as a descent:
         # rejecting it would only inflate λ and stop short of the minimum.
         root_cost = cost.sqrt()
-        slack = rounding * (root_cost + landmark_norm) * root_cost
-        accept = active & (trial_system[:, 6, 6] < cost + slack)  # False for NaN
+        bound = torch.addcmul(cost, root_cost + landmark_norm, root_cost, value=rounding)
+        accept = active & (trial_system[:, 6, 6] < bound)  # False for NaN
         accept_2d, accept_3d = accept.unsqueeze(-1), accept.view(-1, 1, 1)
 
         pose = torch.where(accept_2d, trial, pose)
@@ -210,9 +216,7 @@ def _iterate(
         pixels = torch.where(accept_3d, trial_pixels, pixels)
         depth = torch.where(accept_2d, trial_depth, depth)
         damping = (damping * torch.where(accept_2d, down, up)).clamp_min_(_MIN_DAMPING)
-        iterations = iterations + active
         active = active & (damping.squeeze(-1) <= settings.max_damping)
-        running = bool(active.any())
 
     return LMState(
         pose=pose,
@@ -221,6 +225,6 @@ def _iterate(
         gauss_newton=system[:, :6, :6],
         pixels=pixels,
         depth_mm=depth,
-        iterations=iterations,
-        converged=converged,
+        iterations=torch.stack(ran).sum(0) if ran else torch.zeros(batch, dtype=torch.int64, device=pose.device),
+        converged=torch.stack(stopped).any(0) if stopped else torch.zeros_like(active),
     )

@@ -51,6 +51,7 @@ _SMALL_ANGLE2 = 1e-6
 class _Constants(NamedTuple):
     focal: Tensor  # (fx, fy)
     centre: Tensor  # (cx, cy)
+    zero: Tensor  # 0: where() takes a tensor faster than a float
 
 
 @functools.lru_cache(maxsize=32)
@@ -65,6 +66,7 @@ def _constants(camera: Camera, dtype: torch.dtype, device: torch.device) -> _Con
         return _Constants(
             focal=torch.tensor([camera.fx, camera.fy], dtype=dtype, device=device),
             centre=torch.tensor([camera.cx_px, camera.cy_px], dtype=dtype, device=device),
+            zero=torch.zeros((), dtype=dtype, device=device),
         )
 
 
@@ -143,7 +145,8 @@ def _inverse_coefficient(rotvec: Tensor) -> Tensor:
     """d = (1 - (θ/2) cot(θ/2))/θ² of J_l⁻¹ = I - ½K + dK², finite at θ = 0."""
     theta2 = (rotvec * rotvec).sum(-1)
     small = theta2 < _SMALL_ANGLE2
-    theta2_safe = torch.where(small, 1.0, theta2)
+    # Where the series is used the closed form only has to stay finite: one clamp, not a where.
+    theta2_safe = theta2.clamp_min(_SMALL_ANGLE2)
     half = theta2_safe.sqrt() / 2.0
     return torch.where(small, theta2 / 720.0 + 1.0 / 12.0, torch.rsub(half / torch.tan(half), 1.0) / theta2_safe)
 
@@ -188,8 +191,9 @@ class Linearisation:
             inactive, else 0: minus d(u, v)/dZ.
         jacobian: (B, L, 2, 6) d(u, v)/dδ in the chart δ = (ω, τ): ``pixel_per_omega``
             then ``pixel_per_world``.
-        unclamped_inverse_depth: (B, L) 1/Z where the depth clamp is inactive, else 0
-            (the curvature of the perspective division scales with it).
+        unclamped_inverse_depth: (B, L, 1) 1/Z where the depth clamp is inactive, else 0
+            (the curvature of the perspective division scales with it), a column to scale
+            per-landmark rows.
     """
 
     pixels: Tensor
@@ -229,7 +233,7 @@ def linearise(points_world_mm: Landmarks3D, pose: Pose, camera: Camera, min_dept
     const = _constants(camera, pixels.dtype, pixels.device)
     depth_1 = depth.unsqueeze(-1)
     inverse_z = depth_1.clamp_min(min_depth_mm).reciprocal()
-    unclamped_inverse_z = torch.where(depth_1 > min_depth_mm, inverse_z, 0.0)
+    unclamped_inverse_z = torch.where(depth_1 > min_depth_mm, inverse_z, const.zero)
     along = const.focal * inverse_z  # (B, L, 2)
     against_depth = (pixels - const.centre) * unclamped_inverse_z
     scales = torch.cat([along, against_depth], dim=-1)
@@ -241,7 +245,7 @@ def linearise(points_world_mm: Landmarks3D, pose: Pose, camera: Camera, min_dept
         focal_per_depth=along,
         offset_per_depth=against_depth,
         jacobian=jacobian,
-        unclamped_inverse_depth=unclamped_inverse_z.squeeze(-1),
+        unclamped_inverse_depth=unclamped_inverse_z,
     )
 
 
