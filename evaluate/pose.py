@@ -6,8 +6,9 @@ and :func:`pelmark.registration.register_robust` (RANSAC, then lm on the
 inliers: "robust"). In the plain registration the landmarks visible in the
 ground truth take part (weight 1; the others weight 0), as for the landmark
 errors. In the robust one, the landmarks the model itself finds vote
-(:meth:`Predictions.found`: heatmap peak probability >= 0.5 and argmax in the
-image), so that its pose uses no ground truth; it is also the pose behind
+(:meth:`Predictions.votes`: heatmap peak probability >= 0.5 and argmax in the
+image, and for a model with a visibility output, on its own bone), so that its
+pose uses no ground truth; it is also the pose behind
 ``pelmark eval --refine`` (:mod:`pelmark.evaluate.refine`). A predictor
 without heatmaps (the mean-position reference) votes with its visible landmarks.
 
@@ -163,7 +164,7 @@ def pose_metrics(predictions: Predictions, registration: Registration) -> PoseEr
     truth = predictions.truth
     detector_px = model_to_detector_px(predictions.predicted_px, truth.model_camera, truth.store_camera)
     if registration is Registration.ROBUST and predictions.peak_probability is not None:
-        voting = predictions.found()
+        voting = predictions.votes()
     else:
         voting = truth.visible
     weights = (voting & np.isfinite(detector_px).all(-1)).astype(np.float64)

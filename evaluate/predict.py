@@ -144,6 +144,16 @@ class Predictions:
             return inside
         return inside & (self.peak_probability >= FOUND_PROBABILITY)
 
+    def votes(self) -> np.ndarray:
+        """(N, L) the landmarks that vote in the robust registration (``--refine``'s pose): the found ones
+        (:meth:`found`), and for a model with a visibility output only those it places on one of their own
+        bones (v̂ = 1). Seed 003's v̂ = 0.5 is the model's own flag of an anatomically inconsistent
+        detection: the peak lies off its bone. On the demo cohort (three seeds, 10 epochs) leaving those
+        out lowered seg-informed's ``+reg`` RMSE on novel subjects by 5-9 % (README, *Results*).
+        """
+        found = self.found()
+        return found if self.visibility is None else found & (self.visibility == 1)
+
     def errors(self) -> dict[Unit, np.ndarray]:
         """(N, L) error per unit; NaN where the landmark is not visible (left out of every metric)."""
         errors = point_errors(self.predicted_px, self.truth.true_px, self.truth.model_camera, self.truth.store_camera)

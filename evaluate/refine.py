@@ -1,8 +1,9 @@
 """Registration-consistent landmarks (``pelmark eval --refine``), beyond the paper.
 
-For each image, the landmarks the model finds (:meth:`Predictions.found`:
-heatmap peak probability >= 0.5, the BCE-trained model's own decision, and
-the argmax inside the image) are registered to the image's CT landmarks with
+For each image, the landmarks the model finds (:meth:`Predictions.votes`:
+heatmap peak probability >= 0.5, the BCE-trained model's own decision, the
+argmax inside the image, and for a model with a visibility output the argmax
+on the landmark's own bone) are registered to the image's CT landmarks with
 the robust layer (RANSAC over subsets, then LM on the inliers). This is the
 "robust" registration of :mod:`pelmark.evaluate.pose`, reused, not run again.
 All the CT's landmarks are then projected under that pose into the model
@@ -41,7 +42,7 @@ REFINED_SUFFIX = "+reg"
 class RefineFlag:
     """Values of ``per_image.csv``'s ``refine_flag`` for a refined landmark (joined by ``|``; empty: found and kept)."""
 
-    NOT_FOUND = "not_found"  # the detector did not find it: its point comes from the pose alone
+    NOT_FOUND = "not_found"  # it did not vote (not found, or off its bone): its point comes from the pose alone
     OUTLIER = "outlier"  # found, but rejected by RANSAC
     OUTSIDE = "outside"  # its refined point lies outside the image
     FAILED = "failed"  # the image's registration failed: the raw argmax is kept
@@ -54,7 +55,8 @@ class Refinement:
 
     Attributes:
         predictions: the ``<run>+reg`` predictor (same truth, the raw peak probabilities).
-        found: (N, L) landmarks the detector found (they voted).
+        found: (N, L) landmarks that voted (:meth:`Predictions.votes`: the detector found them and, for a
+            model with a visibility output, placed them on their own bone).
         inliers: (N, L) found landmarks the registration kept.
         outside: (N, L) refined point outside the model image.
         failed: (N,) registration degenerate: the image keeps the raw argmax.
@@ -123,7 +125,7 @@ def refine(predictions: Predictions, robust: PoseErrors) -> Refinement:
         projected = project(points, pose, truth.model_camera)
         inside = truth.model_camera.contains(projected).numpy()
     failed = np.asarray(robust.degenerate, dtype=bool)
-    found = predictions.found()
+    found = predictions.votes()
     inliers = np.asarray(robust.inliers, dtype=bool) & found
     not_confirmed = unconfirmed(failed, inliers)
     keep_raw = failed | not_confirmed

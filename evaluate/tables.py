@@ -161,7 +161,10 @@ def write_per_image(
     Points are in model px; errors are empty for a landmark that is not visible.
     ``peak_probability`` and ``found`` (the detector's decision, see
     :meth:`Predictions.found`) are empty for a predictor without heatmaps;
-    a ``<run>+reg`` row repeats its run's. ``refine_flag`` is set on
+    a ``<run>+reg`` row repeats its run's peak probability, and its ``found``
+    says whether the landmark voted in the registration
+    (:meth:`Predictions.votes`, the same as ``found`` for a model without a
+    visibility output). ``refine_flag`` is set on
     ``<run>+reg`` rows only (see :class:`~pelmark.evaluate.refine.RefineFlag`).
     """
     refined = {id(r.predictions): r for r in refinements}

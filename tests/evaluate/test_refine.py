@@ -54,6 +54,25 @@ def test_found_is_peak_at_least_half_and_argmax_inside():
     assert Predictions("reference", truth, truth.true_px).found().all()  # no heatmap: every point inside counts
 
 
+def test_a_model_with_a_visibility_output_votes_only_the_landmarks_it_places_on_their_bone():
+    truth = _eight_landmark_truth()
+    predicted = truth.true_px.copy()
+    predicted[:, 3] += [25.0, -18.0]  # a gross error that the model itself places off its bone
+    visibility = np.ones((4, 8))
+    visibility[:, 3], visibility[:, 6] = 0.5, 0.0
+    peaks = np.ones((4, 8))
+    peaks[:, 6] = 0.2  # v̂ = 0: not present
+    seg = Predictions("seg", truth, predicted, peaks, present=visibility > 0, visibility=visibility)
+    np.testing.assert_array_equal(seg.found()[0], [True, True, True, True, True, True, False, True])
+    np.testing.assert_array_equal(seg.votes()[0], [True, True, True, False, True, True, False, True])
+    plain = Predictions("m", truth, predicted, peaks)
+    np.testing.assert_array_equal(plain.votes(), plain.found())  # no visibility output: the found ones vote
+    refinement = _refined(seg)
+    np.testing.assert_allclose(refinement.predictions.predicted_px, truth.true_px, atol=1e-3)
+    assert [refinement.flags(i, 3) for i in range(4)] == [RefineFlag.NOT_FOUND] * 4  # it did not vote
+    assert [_refined(plain).flags(i, 3) for i in range(4)] == [RefineFlag.OUTLIER] * 4  # it voted, RANSAC dropped it
+
+
 def test_exact_detections_refine_to_the_true_projections(tmp_path):
     truth = read_truth(write_bead_store(tmp_path), Split.NOVEL_SUBJECT, SIZE)
     refinement = _refined(Predictions("exact", truth, truth.true_px.copy(), np.ones(truth.visible.shape)))
