@@ -5,8 +5,10 @@
 #
 #   OMP_NUM_THREADS=1 experiments/epochs_ablation.sh STORE OUT [SEED...]
 #
+# Then seg-informed at 16 epochs (experiments/seg/demo-16ep-kl1-viswarmup.toml; its 10-epoch runs are the README's
+# warm-up rows), evaluated against the 16-epoch baseline in OUT/seedN/eval-seg.
 # Seeds default to 42 43 44 (fixed before any run; the demo trains seed 42). One thread: ~9 and ~12 minutes per
-# baseline on the 2-core CPU.
+# baseline on the 2-core CPU, ~13 for seg-informed. Summaries: experiments/summarise_seeds.py OUT.
 set -euo pipefail
 store=$1; out=$2; shift 2
 seeds=${*:-42 43 44}
@@ -23,4 +25,7 @@ for seed in $seeds; do
     names+=("$runs/baseline-$tag" "$runs/finetune-$tag")
   done
   $pelmark eval "${names[@]}" --store "$store" --out "$runs/eval" --overwrite --no-progress --refine
+  $pelmark train seg-informed "$store" --out "$runs/seg-16ep" --config "$(dirname "$0")/seg/demo-16ep-kl1-viswarmup.toml" \
+    --seed "$seed" --auto-resume --no-progress
+  $pelmark eval "$runs/baseline-16ep" "$runs/seg-16ep" --store "$store" --out "$runs/eval-seg" --overwrite --no-progress --refine
 done

@@ -1,6 +1,6 @@
 """Summarise a multi-seed ablation: the mean over seeds, with its spread, of each row of ``comparison.csv``.
 
-    python experiments/summarise_seeds.py OUT [--csv FILE]
+    python experiments/summarise_seeds.py OUT [--csv FILE] [--eval FOLDER]
 
 OUT holds ``seed*/eval/comparison.csv`` files written by ``pelmark eval`` (see
 ``experiments/finetune_ablation.sh``); each compares the seed's runs with that
@@ -21,12 +21,12 @@ from pathlib import Path
 from statistics import mean, stdev
 
 
-def read_rows(out: Path) -> dict[tuple[str, str], list[dict[str, str]]]:
+def read_rows(out: Path, eval_dir: str = "eval") -> dict[tuple[str, str], list[dict[str, str]]]:
     """Rows per (split, model) over the seeds; each seed's baseline appears once per split as ``<name> (baseline)``."""
     rows: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
-    files = sorted(out.glob("seed*/eval/comparison.csv"))
+    files = sorted(out.glob(f"seed*/{eval_dir}/comparison.csv"))
     if not files:
-        raise SystemExit(f"error: {out}: no seed*/eval/comparison.csv files")
+        raise SystemExit(f"error: {out}: no seed*/{eval_dir}/comparison.csv files")
     for path in files:
         with open(path, newline="") as handle:
             seed_rows = list(csv.DictReader(handle))
@@ -63,9 +63,9 @@ def _mean_sd(values: list[float]) -> str:
     return f"{mean(values):.2f} ± {spread:.2f}"
 
 
-def summarise(out: Path) -> list[dict[str, str]]:
+def summarise(out: Path, eval_dir: str = "eval") -> list[dict[str, str]]:
     table = []
-    for (split, model), rows in read_rows(out).items():
+    for (split, model), rows in read_rows(out, eval_dir).items():
         below = sum(1 for r in rows if _floats([r], "hi") and float(r["hi"]) < 0)
         above = sum(1 for r in rows if _floats([r], "lo") and float(r["lo"]) > 0)
         table.append({
@@ -85,8 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--csv", type=Path, help="also write the summary here")
+    parser.add_argument("--eval", default="eval", help="the folder of each seed to read (default eval; eval-seg for experiments/epochs_ablation.sh's seg-informed)")
     args = parser.parse_args()
-    table = summarise(args.out)
+    table = summarise(args.out, args.eval)
     fields = list(table[0])
     widths = {f: max(len(f), *(len(r[f]) for r in table)) for f in fields}
     print("  ".join(f.ljust(widths[f]) for f in fields))
