@@ -13,9 +13,10 @@ feature. For each run, on the split's images (visible landmarks only):
    pose (eval's own call, on the argmax of the found landmarks), each
    landmark takes the one of its ``--peaks`` highest local maxima nearest to
    its projection, if within RANSAC's 10 px; LM is refitted on those
-   matches, three rounds. Printed: RMSE of the argmax (raw), of ``+reg`` as
-   eval computes it, of ``+reg`` after guided matching, and of the matched
-   peaks themselves (the argmax where nothing matched).
+   matches, three rounds. Printed, as Table 1's Mean (the mean over landmarks
+   of each landmark's RMSE): the argmax (raw), ``+reg`` as eval computes it,
+   ``+reg`` after guided matching, and the matched peaks themselves (the
+   argmax where nothing matched).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pelmark.evaluate.predict import FOUND_PROBABILITY, read_truth
-from pelmark.evaluate.units import model_to_detector_px
+from pelmark.evaluate.predict import FOUND_PROBABILITY, Predictions, read_truth
+from pelmark.evaluate.stats import mean_over_landmarks
+from pelmark.evaluate.tables import rmse_per_landmark
+from pelmark.evaluate.units import Unit, model_to_detector_px
 from pelmark.geometry import project
 from pelmark.registration import register, register_robust
 from pelmark.registration.robust import RansacSettings, unconfirmed
@@ -61,8 +64,8 @@ def peaks(run, store: Path, split: Split, count: int):
 
 
 def rmse(predicted: np.ndarray, truth) -> float:
-    error = np.linalg.norm(predicted - truth.true_px, axis=-1)[truth.visible]
-    return float(np.sqrt(np.mean(error**2)))
+    """Table 1's Mean of these points, in model px."""
+    return float(mean_over_landmarks(rmse_per_landmark(Predictions("points", truth, predicted), Unit.MODEL_PX)))
 
 
 def measure(run_dir: Path, store: Path, split: Split, count: int) -> None:
