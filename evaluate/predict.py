@@ -6,7 +6,10 @@ store image resized to S x S (no crop, no augmentation), through the camera
 argmax of each landmark's heatmap, as the paper evaluates, with the sigmoid
 of the heatmap's peak (the model's confidence); the logits are computed in
 float32 (no autocast) so that nearly equal pixels are not tied by a coarse
-dtype. A segmentation-informed model (:mod:`pelmark.train.seg_informed`) also
+dtype. With the flip test (:func:`flip_choice`, ``pelmark eval``'s default
+where the landmarks have left/right pairs) the logits are the mean of the
+image's and its mirror image's (:func:`pelmark.train.model.flip_test`). A
+segmentation-informed model (:mod:`pelmark.train.seg_informed`) also
 gives its bone label map and its own call of which landmarks are present
 (seed 003's visibility v̂ > 0).
 """
@@ -28,7 +31,7 @@ from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.store import Split, StoreReader
 from pelmark.train.checkpoint import TrainedRun
 from pelmark.train.data import DataSettings, StoreDataset
-from pelmark.train.model import hard_argmax
+from pelmark.train.model import choose_flip_order, flip_test, hard_argmax
 from pelmark.train.seg_informed import discrete_visibility, split_outputs
 
 
@@ -160,6 +163,35 @@ class Predictions:
         return {unit: np.where(self.truth.visible, value, np.nan) for unit, value in errors.items()}
 
 
+def run_classes(run: TrainedRun) -> tuple[str, ...]:
+    """The bone classes of a segmentation-informed run's second decoder; () for a heatmap-only run."""
+    return tuple(run.info.get("model_spec", {}).get("segmentation_classes") or ())
+
+
+def flip_order(run: TrainedRun) -> tuple[int, ...]:
+    """The output channel order that mirrors ``run``'s outputs.
+
+    Raises:
+        PelmarkError: its landmarks (or bone classes) cannot be mirrored.
+    """
+    order, _ = flip_choice(run, True)
+    assert order is not None
+    return order
+
+
+def flip_choice(run: TrainedRun, asked: bool | None) -> tuple[tuple[int, ...] | None, str | None]:
+    """``run``'s flip-test order, or None and why not (:func:`pelmark.train.model.choose_flip_order`).
+
+    Raises:
+        PelmarkError: the flip test was asked for (``asked`` True) and the run cannot mirror.
+    """
+    try:
+        order, why = choose_flip_order(run.landmark_names, run_classes(run), asked)
+    except PelmarkError as error:
+        raise PelmarkError(error.message, run.run_dir) from None
+    return order, None if why is None else f"{run.name}: {why}"
+
+
 @torch.no_grad()
 def predict_split(
     run: TrainedRun,
@@ -168,10 +200,12 @@ def predict_split(
     batch_size: int = 16,
     workers: int = 0,
     progress: bool = True,
+    flip: bool = False,
 ) -> Predictions:
     """The argmax landmarks of ``run``'s model on the images of ``truth`` (model px).
 
-    The model runs on the device its weights are on.
+    The model runs on the device its weights are on. With ``flip``, its logits are the flip test's
+    (:func:`pelmark.train.model.flip_test`); the run's landmarks must have left/right pairs.
 
     Raises:
         PelmarkError: the run has no model (diverged before any checkpoint) or
@@ -187,12 +221,14 @@ def predict_split(
     dataset = StoreDataset(store_path, DataSettings(size=run.config.size, splits=(truth.split,), targets=False), indices=truth.rows)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     n_landmarks = truth.true_px.shape[1]
-    classes = tuple(run.info.get("model_spec", {}).get("segmentation_classes") or ())
+    classes = run_classes(run)
     bones = torch.tensor(landmark_bone_matrix(run.landmark_names, classes)) if classes else None
     expected = n_landmarks + (len(classes) + 1 if classes else 0)
+    order = flip_order(run) if flip else None
     predicted, peaks, rows, visibility, segmentation = [], [], [], [], []
     for batch in tqdm(loader, desc=f"{run.name} {truth.split.label}", unit="batch", disable=not progress, dynamic_ncols=True):
-        outputs = run.model(batch["image"].to(device, non_blocking=True)).float()
+        images = batch["image"].to(device, non_blocking=True)
+        outputs = run.model(images).float() if order is None else flip_test(lambda x: run.model(x).float(), images, order)
         if outputs.shape[1] != expected:
             raise PelmarkError(f"model predicts {outputs.shape[1] - expected + n_landmarks} landmarks, the store has {n_landmarks}", run.run_dir)
         logits, seg_logits = split_outputs(outputs, n_landmarks)

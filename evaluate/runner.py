@@ -50,7 +50,7 @@ from pelmark.io.outputs import is_empty_folder, refuse_inputs
 from pelmark.evaluate.figures import write_error_cdf, write_per_landmark_error, write_samples
 from pelmark.evaluate.pose import SUCCESS_THRESHOLDS_MM, PoseErrors, Registration, pose_metrics
 from pelmark.devices import resolve_device
-from pelmark.evaluate.predict import Predictions, SplitTruth, predict_split, read_truth
+from pelmark.evaluate.predict import Predictions, SplitTruth, flip_choice, predict_split, read_truth
 from pelmark.evaluate.reference import REFERENCE_NAME, MeanPosition, fit_mean_position, predict_mean_position
 from pelmark.evaluate.refine import REFINED_SUFFIX, failure_notes, refine, refine_summary
 from pelmark.evaluate.stat_tables import (
@@ -128,6 +128,10 @@ class EvalSettings:
         refine: add a ``<run>+reg`` row per run: all CT landmarks projected
             under the robust registration of the landmarks the model found
             (:mod:`pelmark.evaluate.refine`).
+        flip_test: predict with the flip test (:func:`pelmark.train.model.flip_test`: the mean of
+            the logits of each image and of its mirror image); None (auto) uses it for every run
+            whose landmarks have left/right pairs, False gives the paper's single pass, True
+            makes a run that cannot mirror an error.
         bootstrap: resamples of the confidence intervals and paired comparisons.
         seed: seed of the resamples (:mod:`pelmark.evaluate.stat_tables`).
         allow_incomplete: evaluate on a store whose synth was interrupted (its finished
@@ -143,6 +147,7 @@ class EvalSettings:
     overwrite: bool = False
     progress: bool = True
     refine: bool = False
+    flip_test: bool | None = None
     bootstrap: int = DEFAULT_RESAMPLES
     seed: int = 0
     allow_incomplete: bool = False
@@ -333,13 +338,15 @@ def evaluate_runs(run_dirs: Sequence[Path], store: Path, out: Path, settings: Ev
     landmark_names = tuple(attrs.get("landmark_names", ()))
     splits = choose_splits(group, store, settings.splits)
     runs = load_runs(run_dirs, landmark_names, settings)
+    flips = {run.name: flip_choice(run, settings.flip_test) for run in runs if run.status is not RunStatus.DIV}
+    flips = {name: (order is not None, why) for name, (order, why) in flips.items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         (staging / EVAL_MARKER).write_text(json.dumps({"format": EVAL_FORMAT, "version": EVAL_VERSION}) + "\n")
-        report = _evaluate(runs, store, group, attrs, landmark_names, splits, staging, settings)
+        report = _evaluate(runs, store, group, attrs, landmark_names, splits, staging, settings, flips)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -364,6 +371,7 @@ def _evaluate(
     splits: tuple[Split, ...],
     folder: Path,
     settings: EvalSettings,
+    flips: dict[str, tuple[bool, str | None]],
 ) -> EvalReport:
     from tqdm import tqdm
 
@@ -388,7 +396,9 @@ def _evaluate(
             if run.status is RunStatus.DIV:
                 raw.append((split, run.name, run.status.value, None))
                 continue
-            pred = predict_split(run, store, truth(split, run.config.size), settings.batch_size, settings.workers, settings.progress)
+            pred = predict_split(
+                run, store, truth(split, run.config.size), settings.batch_size, settings.workers, settings.progress, flip=flips[run.name][0]
+            )
             raw.append((split, run.name, run.status.value, pred))
         if reference is not None:
             for size in sizes:
@@ -448,7 +458,7 @@ def _evaluate(
         if run.status is RunStatus.DIV:
             continue
         own = bool(run.info.get("model_spec", {}).get("segmentation_classes"))
-        rules[run.name] = PresenceRule(own=True) if own else validation_rule(run, store, settings.batch_size, settings.workers)
+        rules[run.name] = PresenceRule(own=True) if own else validation_rule(run, store, settings.batch_size, settings.workers, flips[run.name][0])
     shown_runs = []
     for split, name, status, pred in raw:
         if pred is None or name not in rules:
@@ -469,10 +479,11 @@ def _evaluate(
     write_error_cdf(folder / "error_cdf.png", predictions, labels)
     files += ["per_landmark_error.png", "error_cdf.png"]
 
-    notes = _notes(runs, attrs, reference is not None) + resampling_notes(draws) + failure_notes(refinements)
+    notes = _notes(runs, attrs, reference is not None) + _flip_notes(flips) + resampling_notes(draws) + failure_notes(refinements)
     summary = _summary(runs, store, attrs, landmark_names, base, reference, rows, pose_rows, settings)
     summary["statistics"] = statistics_summary(draws, runs[0].name, ci_rows, compared, robust_figures, settings.seed)
     summary["refine"] = refine_summary(refinements, settings.refine)
+    summary["flip_test"] = {name: on for name, (on, _) in flips.items()}
     summary["visibility"] = {
         "file": "visibility.csv",
         "classes": list(classes),
@@ -511,6 +522,14 @@ def _notes(runs: list[TrainedRun], attrs: dict[str, Any], has_reference: bool) -
             notes.append(f"{run.name}: trained on another store (fingerprint {str(trained_on)[:12]})")
     if not has_reference:
         notes.append(f"no {REFERENCE_NAME} rows: the store has no train images")
+    return tuple(notes)
+
+
+def _flip_notes(flips: dict[str, tuple[bool, str | None]]) -> tuple[str, ...]:
+    on = [name for name, (flip, _) in flips.items() if flip]
+    notes = [why for _, why in flips.values() if why]
+    if on:
+        notes.insert(0, f"flip test (each heatmap the mean of the image's and its mirror image's logits): {', '.join(on)}; --no-flip-test for the paper's single pass")
     return tuple(notes)
 
 

@@ -91,7 +91,7 @@ def choose_threshold(peak_probability: np.ndarray, visible: np.ndarray) -> float
     return float(candidates[int(np.argmax(correct))])
 
 
-def validation_rule(run, store: Path, batch_size: int, workers: int) -> PresenceRule:
+def validation_rule(run, store: Path, batch_size: int, workers: int, flip: bool = False) -> PresenceRule:
     """The presence rule of a run without a visibility output: a threshold chosen on its validation images."""
     from pelmark.evaluate.predict import predict_split, read_truth
     from pelmark.store import Split, StoreReader
@@ -112,7 +112,7 @@ def validation_rule(run, store: Path, batch_size: int, workers: int) -> Presence
         poses=truth.poses[keep],
         landmarks_3d=truth.landmarks_3d[keep],
     )
-    pred = predict_split(run, store, subset, batch_size, workers, progress=False)
+    pred = predict_split(run, store, subset, batch_size, workers, progress=False, flip=flip)
     threshold = choose_threshold(pred.peak_probability, subset.visible)
     return PresenceRule(own=False, threshold=threshold, source=f"chosen on {subset.n_images} validation images")
 

@@ -255,6 +255,12 @@ def train(
     schedule: Optional[str] = typer.Option(None, show_default="constant", help="Learning-rate schedule: constant or cosine."),
     solver: Optional[str] = typer.Option(None, show_default="lm", help="Registration inside PEL: lm, adam or lbfgs."),
     temperature: Optional[float] = typer.Option(None, show_default="1", help="Soft-argmax temperature on the logits."),
+    flip_test: Optional[bool] = typer.Option(
+        None,
+        "--flip-test/--no-flip-test",
+        show_default="off",
+        help="Train on the flip test's logits (image and mirror image averaged), as pelmark eval scores them; twice the compute.",
+    ),
     augment: Optional[str] = typer.Option(
         None,
         show_default="none",
@@ -301,7 +307,7 @@ def train(
         encoder_depth=encoder_depth, encoder_weights=None if encoder_weights is None else str(encoder_weights),
         init=None if init is None else str(init), pos_weight=pos_weight, pel_weight=pel_weight, bce_weight=bce_weight, softmax_weight=softmax_weight,
         pose_loss=pose_loss, soft_argmax=soft_argmax, soft_argmax_radius=soft_argmax_radius, warmup_steps=warmup_steps,
-        schedule=schedule, solver=solver, temperature=temperature, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
+        schedule=schedule, solver=solver, temperature=temperature, flip_test=flip_test, augment=augment, val_fraction=val_fraction, seed=seed, workers=workers, device=device,
         compile=compile_model, transforms=transforms,
     )
     resolved = resolve_config(strategy, table, overrides, config)
@@ -356,6 +362,12 @@ def eval_(
     refine: bool = typer.Option(
         False, "--refine/--no-refine", help="Add <run>+reg rows: all CT landmarks projected under the robust pose of the found ones."
     ),
+    flip_test: Optional[bool] = typer.Option(
+        None,
+        "--flip-test/--no-flip-test",
+        show_default="on where the landmarks have -l/-r pairs",
+        help="Average each model's logits over the image and its mirror image (left and right swapped); --no-flip-test is the paper's single pass.",
+    ),
     bootstrap: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples (over subjects) of the 95% intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
     allow_incomplete: bool = typer.Option(
@@ -371,8 +383,8 @@ def eval_(
     check(EvalOptions, {"samples": samples, "batch_size": batch_size, "workers": workers, "bootstrap": bootstrap, "seed": seed})
     settings = EvalSettings(
         splits=parse_splits(split), samples=samples, batch_size=batch_size, workers=workers, device=device,
-        checkpoint=checkpoint, overwrite=overwrite, progress=progress, refine=refine, bootstrap=bootstrap, seed=seed,
-        allow_incomplete=allow_incomplete,
+        checkpoint=checkpoint, overwrite=overwrite, progress=progress, refine=refine, flip_test=flip_test, bootstrap=bootstrap,
+        seed=seed, allow_incomplete=allow_incomplete,
     )
     _warn_incomplete(store, allow_incomplete)
     report = evaluate_runs(runs, store, out, settings)
@@ -476,6 +488,12 @@ def predict(
     ct: Optional[Path] = typer.Option(None, "--ct", help="The CT of --ct-landmarks: the pose's origin is its centre, as in a store."),
     store: Optional[Path] = typer.Option(None, "--store", help="The training store, for a run whose run.json does not record its detector."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (a run folder; ONNX runs on the CPU)."),
+    flip_test: Optional[bool] = typer.Option(
+        None,
+        "--flip-test/--no-flip-test",
+        show_default="on where the landmarks have -l/-r pairs",
+        help="Average the logits over the image and its mirror image (left and right swapped), as pelmark eval does.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder of earlier predictions."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -501,11 +519,19 @@ def predict(
     settings = ReadSettings(pixel_spacing_mm=pixel_spacing, sdd_mm=sdd, pixels=pixel_kind, invert=invert, rot180=rot180)
     named = [("an input image", p) for p in images] + [(what, p) for what, p in (("the run", run_dir), ("the ONNX file", onnx)) if p is not None]
     check_out(out, named, overwrite)
+    from pelmark.train.model import choose_flip_order
+
     model = OnnxModel(onnx) if onnx is not None else TorchModel(run_dir, device=device, store=store)
+    try:
+        flip, why = choose_flip_order(model.grid.landmark_names, asked=flip_test)
+    except PelmarkError as error:
+        raise PelmarkError(error.message, onnx or run_dir) from None
     ct_points = None if ct_landmarks is None else read_ct_landmarks(ct_landmarks, model.grid.landmark_names, ct)
     start_out(out)
-    report = predict_files(images, model, out, settings, ct_points, progress=progress)
-    typer.echo(f"predicted {len(report.written)} of {len(images)} images with {model.name}; wrote {out}")
+    if why:
+        typer.echo(f"note: {why}")
+    report = predict_files(images, model, out, settings, ct_points, progress=progress, flip=flip)
+    typer.echo(f"predicted {len(report.written)} of {len(images)} images with {model.name}{' (flip test)' if flip else ''}; wrote {out}")
     if report.failures:
         typer.echo(f"failed ({len(report.failures)}):", err=True)
         for path, message in report.failures:

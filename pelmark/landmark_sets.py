@@ -87,3 +87,45 @@ def landmark_bone_matrix(landmarks: tuple[str, ...] | list[str], classes: tuple[
             row[k] = True
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------- mirror images
+
+SIDE_SUFFIXES: tuple[str, str] = ("-l", "-r")
+"""The suffixes of the patient's left and right (matched case-insensitively)."""
+
+
+def mirror_order(names: tuple[str, ...] | list[str]) -> tuple[int, ...] | None:
+    """Index of each name's mirror image: ``order[k]`` is ``names.index(partner of names[k])``.
+
+    In a left-right mirrored image (a mirrored pelvis, seen from the mirrored pose) the patient's left
+    landmark sits where the right one would. ``X-l`` pairs with ``X-r``; a name without a side
+    suffix is taken to lie on the midline and maps to itself (``SPS``, ``IPS``). Used by the flip
+    test (:func:`pelmark.train.model.flip_test`) for landmarks and for bone classes alike.
+
+    Returns:
+        The order, or None when no name has a side (nothing tells a lateral landmark from a midline
+        one, so the set cannot be mirrored safely).
+
+    Raises:
+        PelmarkError: a sided name has no partner, or a name appears twice.
+    """
+    from pelmark.errors import PelmarkError
+
+    folded = [name.casefold() for name in names]
+    if len(set(folded)) != len(folded):
+        raise PelmarkError(f"names repeat (case-insensitively), so they cannot be mirrored: {list(names)}")
+    left, right = SIDE_SUFFIXES
+    swap = {left: right, right: left}
+    order, sided = [], False
+    for name in folded:
+        suffix = name[-len(left) :]
+        if suffix not in swap:
+            order.append(folded.index(name))
+            continue
+        sided = True
+        partner = name[: -len(suffix)] + swap[suffix]
+        if partner not in folded:
+            raise PelmarkError(f"'{names[folded.index(name)]}' has no mirror partner '{partner}' in {list(names)}")
+        order.append(folded.index(partner))
+    return tuple(order) if sided else None

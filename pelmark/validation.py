@@ -124,6 +124,7 @@ class TrainTable(_Strict):
     pose_loss: Optional[_choices(PoseLoss)] = None
     solver: Optional[_choices(Solver)] = None
     temperature: Optional[Positive] = None
+    flip_test: Optional[bool] = None
     val_fraction: Optional[Annotated[float, Ge(0), Lt(1)]] = None
     bn_recalibration_images: Optional[NonNegative] = None
     seed: Optional[NonNegative] = None

@@ -119,6 +119,10 @@ class TrainConfig:
         pose_loss: paper (eq. 10), geodesic, mtre or reprojection (see :mod:`pelmark.registration.losses`).
         solver: the registration inside PEL: lm (converged, implicit gradient) or the paper's adam / lbfgs.
         temperature: soft-argmax τ on the logits (see :mod:`pelmark.train.model`).
+        flip_test: every loss (and the validation that picks ``best``) sees the flip test's logits, the
+            mean of each image's and its mirror image's (:func:`pelmark.train.model.flip_test`, one
+            forward pass over both), which is what ``pelmark eval`` and ``pelmark predict`` score by
+            default; needs landmarks with -l/-r pairs. Twice the compute per step.
         val_fraction: share of the train split's images held out to choose the best checkpoint.
         bn_recalibration_images: training images over which BatchNorm's statistics are recomputed
             before each validation and checkpoint ("precise BN"; 0 = keep the running averages).
@@ -168,6 +172,7 @@ class TrainConfig:
     pose_loss: PoseLoss = PoseLoss.PAPER
     solver: Solver = Solver.LM
     temperature: float = 1.0
+    flip_test: bool = False
     val_fraction: float = 0.1
     bn_recalibration_images: int = 256
     seed: int = 42

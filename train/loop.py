@@ -64,7 +64,7 @@ from pelmark.train.data import CropParams, DataSettings, StoreDataset, heatmap_t
 from pelmark.train.device_transforms import Transforms, model_inputs, resolve_transforms
 from pelmark.train.losses import pel_term, segmentation_loss, spatial_softmax_loss
 from pelmark.train.metrics import landmark_rmse, mean_rmse
-from pelmark.train.model import ModelSpec, build_model, hard_argmax, load_weights
+from pelmark.train.model import ModelSpec, build_model, choose_flip_order, flip_test, hard_argmax, load_weights
 from pelmark.train.seg_informed import seg_informed_loss
 
 STEP_FIELDS = (
@@ -219,6 +219,10 @@ class Trainer:
         self.classes = reader.classes if seg_informed else ()
         if seg_informed and not self.classes:
             raise PelmarkError("seg-informed trains on bone labels, which this store has not: synthesise it from a manifest with [dataset] classes and segmentations", store)
+        try:
+            self.flip_order = choose_flip_order(self.landmark_names, self.classes, True)[0] if config.flip_test else None
+        except PelmarkError as error:
+            raise PelmarkError(f"flip_test: {error.message}", store) from None
         # Under device transforms the workers only read, and every batch (training, validation and
         # BatchNorm's) gets its crop, resize, normalisation and augmentation here (see _inputs).
         self.transforms = resolve_transforms(config.transforms, dist.device, config.augment)
@@ -389,7 +393,7 @@ class Trainer:
         config, device = self.config, self.dist.device
         batch = self._inputs(batch, self.train_set.settings)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = self.net(batch["image"])
+            logits = self._forward(self.net, batch["image"], together=True)
         logits = logits.float()
         row: dict[str, Any] = {}
         loss = logits.new_zeros(())
@@ -436,6 +440,12 @@ class Trainer:
                 row["pel_logit_grad_norm"] = float(grad.norm())
         row["loss"] = float(loss.detach())
         return loss, row
+
+    def _forward(self, net, images: torch.Tensor, together: bool = False) -> torch.Tensor:
+        """The logits the losses and the validation see: one pass, or with ``flip_test`` the flip test's."""
+        if self.flip_order is None:
+            return net(images)
+        return flip_test(net, images, self.flip_order, together=together)
 
     def _targets(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's heatmap targets: from the workers, or drawn here on the device.
@@ -514,7 +524,7 @@ class Trainer:
         for batch in self._batches(self.val_set, batches):
             images = self._images(batch, self.val_set.settings)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda"):
-                logits = self.model(images)
+                logits = self._forward(self.model, images)
             predicted.append(hard_argmax(logits.float()[:, : len(self.landmark_names)]).cpu().numpy())
             true.append(batch["landmarks_px"].numpy())
             visible.append(batch["visible"].numpy())

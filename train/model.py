@@ -319,3 +319,71 @@ def hard_argmax(heatmaps: Tensor) -> Tensor:
     batch, landmarks, height, width = heatmaps.shape
     flat = heatmaps.reshape(batch, landmarks, -1).argmax(dim=-1)
     return torch.stack([flat % width, flat // width], dim=-1).to(torch.float32)
+
+
+# ---------------------------------------------------------------- flip test
+
+
+def output_mirror_order(landmark_names: tuple[str, ...] | list[str], classes: tuple[str, ...] | list[str] = ()) -> tuple[int, ...] | None:
+    """Channel order that mirrors a model's outputs: L landmark logits, then (segmentation models)
+    background and the C bone classes. Left and right swap (:func:`pelmark.landmark_sets.mirror_order`).
+
+    Returns:
+        The order, or None when the landmarks have no left/right pairs.
+
+    Raises:
+        PelmarkError: a left or right landmark or bone class lacks its partner.
+    """
+    from pelmark.landmark_sets import mirror_order
+
+    landmarks = mirror_order(landmark_names)
+    if landmarks is None:
+        return None
+    if not classes:
+        return landmarks
+    bones = mirror_order(classes) or tuple(range(len(classes)))
+    offset = len(landmarks)
+    return landmarks + (offset,) + tuple(offset + 1 + k for k in bones)
+
+
+def flip_test(forward, images: Tensor, order: tuple[int, ...], together: bool = False) -> Tensor:
+    """Logits averaged over an image and its left-right mirror image (the flip test of pose estimation).
+
+    ``forward`` maps (B, 1, H, W) images to (B, K, H, W) logits. The mirror image's logits are
+    mirrored back and their channels put in ``order`` (:func:`output_mirror_order`), so that the
+    patient's left landmark reads from the channel that saw it, then both are averaged. The column
+    ``c`` of a mirror image is column ``W - 1 - c`` of the image, so mirroring back is exact on the
+    pixel grid. Averaging logits keeps a peak only where both passes put one: a confident false
+    peak in one pass is halved. ``together`` runs both in one forward call over a batch of twice
+    the size (training: one graph for the backward, and BatchNorm's batch statistics over both).
+    """
+    if together:
+        both = forward(torch.cat([images, images.flip(-1)]))
+        direct, mirrored = both[: len(images)], both[len(images) :].flip(-1)
+    else:
+        direct, mirrored = forward(images), forward(images.flip(-1)).flip(-1)
+    return 0.5 * (direct + mirrored[:, torch.as_tensor(order, device=mirrored.device)])
+
+
+def choose_flip_order(
+    landmark_names: tuple[str, ...] | list[str], classes: tuple[str, ...] | list[str] = (), asked: bool | None = None
+) -> tuple[tuple[int, ...] | None, str | None]:
+    """The flip test's channel order for a model, or None with the reason it is off.
+
+    ``asked`` None (auto) turns the flip test on where the outputs mirror (:func:`output_mirror_order`) and
+    off otherwise, with the reason; False turns it off; True makes a model that cannot mirror an error.
+
+    Raises:
+        PelmarkError: ``asked`` is True and the outputs cannot be mirrored.
+    """
+    if asked is False:
+        return None, None
+    try:
+        order = output_mirror_order(landmark_names, classes)
+        if order is None:
+            raise PelmarkError(f"no landmark name ends in -l or -r, so left cannot be told from right: {list(landmark_names)}")
+    except PelmarkError as error:
+        if asked:
+            raise PelmarkError(f"no flip test: {error.message}") from None
+        return None, f"no flip test: {error.message}"
+    return order, None

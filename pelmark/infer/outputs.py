@@ -122,6 +122,7 @@ def prediction_json(prediction: ImagePrediction, model_name: str) -> dict[str, A
         "height": xray.height,
         "width": xray.width,
         "model": model_name,
+        "flip_test": prediction.flip_test,
         "camera": prepared.file_camera.to_dict(),
         "rot180": prepared.rot180,
         "model_input": {"camera": prepared.model_camera.to_dict(), "height": int(prepared.image.shape[1]), "width": int(prepared.image.shape[2])},

@@ -105,6 +105,7 @@ class ImagePrediction:
         peak_probability: (L,) sigmoid of each heatmap's largest logit.
         present: (L,) the found rule (see the module docstring).
         registration: with CT landmarks, their registration; None otherwise.
+        flip_test: the logits are the flip test's (image and mirror image averaged).
     """
 
     xray: XrayImage
@@ -115,20 +116,27 @@ class ImagePrediction:
     peak_probability: np.ndarray
     present: np.ndarray
     registration: Registration | None = None
+    flip_test: bool = False
 
 
-def predict_image(path: Path, model: HeatmapModel, settings: ReadSettings, ct: CTLandmarks | None = None) -> ImagePrediction:
+def predict_image(
+    path: Path, model: HeatmapModel, settings: ReadSettings, ct: CTLandmarks | None = None, flip: tuple[int, ...] | None = None
+) -> ImagePrediction:
     """Read, prepare, run and (with ``ct``) register one X-ray file.
+
+    With ``flip`` (the landmark channels' mirror order), the logits are the flip test's
+    (:func:`pelmark.train.model.flip_test`), as ``pelmark eval`` predicts by default.
 
     Raises:
         PelmarkError: a bad file (see :func:`read_xray` and :func:`prepare`) or a model of another output size.
     """
     from pelmark.evaluate.predict import FOUND_PROBABILITY
-    from pelmark.train.model import hard_argmax
+    from pelmark.train.model import flip_test, hard_argmax
 
     xray = read_xray(path)
     prepared = prepare(xray, model.grid, settings)
-    logits = model.logits(prepared.image[None]).float()
+    image = prepared.image[None]
+    logits = model.logits(image).float() if flip is None else flip_test(lambda x: model.logits(x).float(), image, flip)
     names = model.grid.landmark_names
     if logits.shape[0] != 1 or logits.shape[1] != len(names) or tuple(logits.shape[2:]) != tuple(prepared.image.shape[1:]):
         raise PelmarkError(f"model gave logits of shape {tuple(logits.shape)} for an input of {tuple(prepared.image.shape)}", path)
@@ -147,6 +155,7 @@ def predict_image(path: Path, model: HeatmapModel, settings: ReadSettings, ct: C
         peak_probability=peak,
         present=present,
         registration=registration,
+        flip_test=flip is not None,
     )
 
 
@@ -191,6 +200,7 @@ def predict_files(
     ct: CTLandmarks | None = None,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    flip: tuple[int, ...] | None = None,
 ) -> PredictReport:
     """Predict every file into ``out``; a bad file is reported through ``echo`` as one line and the others go on.
 
@@ -202,6 +212,7 @@ def predict_files(
         ct: the CT landmarks to register to, if any.
         progress: show a progress bar.
         echo: where the one-line errors go; stderr, above the progress bar, by default.
+        flip: the flip test's channel order (:func:`pelmark.train.model.choose_flip_order`), or None for one pass.
     """
     from tqdm import tqdm
 
@@ -214,7 +225,7 @@ def predict_files(
     bar = tqdm(list(zip(paths, stems)), desc="predict", unit="image", disable=not progress, dynamic_ncols=True)
     for path, stem in bar:
         try:
-            prediction = predict_image(Path(path), model, settings, ct)
+            prediction = predict_image(Path(path), model, settings, ct, flip)
             written.append((Path(path), write_prediction(prediction, out, stem, model.name)))
         except PelmarkError as error:
             message = error.message if error.path is not None else str(error)

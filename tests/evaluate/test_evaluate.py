@@ -331,6 +331,7 @@ def test_store_without_train_images_has_no_reference(store, runs, tmp_path):
     assert summary["splits"]["novel_view"]["images"] == 8
     assert report.notes[0] == "no mean-position rows: the store has no train images"
     assert report.notes[1:] == (
+        "run_a: no flip test: no landmark name ends in -l or -r, so left cannot be told from right: ['A', 'B', 'C', 'D', 'E']",
         "novel_subject: 1 subject, so its intervals resample images, which ignores that views of one CT are alike (too narrow)",
     )
 
@@ -601,3 +602,57 @@ def test_an_incomplete_store_is_refused_unless_allowed(store, runs, tmp_path):
         f"warning: {partial}: subject 'b2' (novel_subject) was not rendered: its 4 images are missing"
     ]
     assert {row[0] for row in _read_csv(out / "table1.csv")[1:]} == {"novel_view"}
+
+
+# ---------------------------------------------------------------- the flip test
+
+SIDED = ("A-l", "B", "C", "D", "A-r")  # A-l and A-r mirror each other; B, C, D on the midline
+
+
+def _sided(store: Path, run: Path, root: Path) -> tuple[Path, Path]:
+    """Copies of the store and run whose landmarks are named with sides (the flip test then applies)."""
+    store_copy, run_copy = root / "sided.zarr", root / "run_a"
+    shutil.copytree(store, store_copy)
+    open_store(store_copy, mode="r+").attrs["landmark_names"] = list(SIDED)
+    shutil.copytree(run, run_copy)
+    _edit_run_json(run_copy, landmark_names=list(SIDED))
+    return store_copy, run_copy
+
+
+def test_eval_uses_the_flip_test_where_the_landmarks_mirror(store, runs, results, tmp_path):
+    from pelmark.train.checkpoint import load_run
+    from pelmark.train.model import hard_argmax
+
+    sided_store, sided_run = _sided(store, runs["run_a"], tmp_path)
+    report = evaluate_runs([sided_run], sided_store, tmp_path / "flip", EvalSettings(samples=0, splits=(Split.NOVEL_VIEW,), **CPU))
+    summary = json.loads((tmp_path / "flip" / "summary.json").read_text())
+    assert summary["flip_test"] == {"run_a": True} and "flip test" in report.notes[0]
+    # Its argmax is that of the mean of the logits of each image and of its mirror image, with
+    # channels 0 and 4 (A-l, A-r) swapped in the mirror pass: recomputed here by hand.
+    run = load_run(sided_run)
+    truth = read_truth(sided_store, Split.NOVEL_VIEW, SIZE)
+    from pelmark.train.data import DataSettings, StoreDataset
+
+    dataset = StoreDataset(sided_store, DataSettings(size=SIZE, splits=(Split.NOVEL_VIEW,), targets=False), indices=truth.rows)
+    images = torch.stack([dataset[i]["image"] for i in range(truth.n_images)])
+    with torch.no_grad():
+        mirrored = run.model(images.flip(-1)).flip(-1)[:, [4, 1, 2, 3, 0]]
+        expected = hard_argmax(0.5 * (run.model(images) + mirrored)).numpy()
+    predicted = {(int(r["row"]), r["landmark"]): (float(r["pred_x"]), float(r["pred_y"])) for r in csv.DictReader(open(tmp_path / "flip" / "per_image.csv")) if r["model"] == "run_a"}
+    got = np.array([[predicted[int(row), name] for name in SIDED] for row in truth.rows])
+    np.testing.assert_array_equal(got, expected)
+    # --no-flip-test is the single pass: the same table as the unsided run's.
+    evaluate_runs([sided_run], sided_store, tmp_path / "single", EvalSettings(samples=0, splits=(Split.NOVEL_VIEW,), flip_test=False, **CPU))
+    single = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert single["flip_test"] == {"run_a": False}
+    original = [r for r in _read_csv(results[1] / "table1.csv") if r[:2] == ["novel_view", "run_a"]]
+    assert [r for r in _read_csv(tmp_path / "single" / "table1.csv") if r[:2] == ["novel_view", "run_a"]] == original
+
+
+def test_cli_flip_test_asked_for_landmarks_without_sides_is_one_line(store, runs, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", str(runs["run_a"]), "--store", str(store), "--out", str(out), "--flip-test", "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {runs['run_a']}: no flip test: no landmark name ends in -l or -r")
+    assert not out.exists()

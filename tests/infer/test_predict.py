@@ -105,6 +105,39 @@ def test_intensity_images_are_log_transformed(store, run, evaluated, tmp_path):
     assert np.abs(points(tmp_path / "out" / "raw.csv") - model_px_file).max() <= 2.0 + 1e-9
 
 
+def test_the_flip_test_gives_evals_flip_test_landmarks(store, run, evaluated, tmp_path):
+    """With sided landmark names, predict averages the image and its mirror image by default, as eval does."""
+    import shutil
+
+    from pelmark.evaluate.predict import predict_split
+    from pelmark.train.checkpoint import load_run
+
+    sided = tmp_path / "sided"
+    shutil.copytree(run, sided)
+    info = json.loads((sided / "run.json").read_text())
+    info["landmark_names"] = ["A-l", "B", "C", "D", "A-r"]
+    (sided / "run.json").write_text(json.dumps(info))
+    flipped = predict_split(load_run(sided), store, evaluated.truth, workers=0, progress=False, flip=True)
+    assert not np.array_equal(flipped.predicted_px, evaluated.predicted_px)  # the mirror pass changes something
+    row = int(evaluated.truth.rows[0])
+    camera = store_camera(store)
+    path = write_dicom(tmp_path / "drr.dcm", store_image(store, row), camera.spacing_x_mm, camera.sdd_mm)
+    result = predict_cli(sided, path, "--out", tmp_path / "flip")
+    assert result.exit_code == 0 and "(flip test)" in result.output, result.output
+    np.testing.assert_allclose(points(tmp_path / "flip" / "drr.csv"), expected_file_px(flipped, 0, camera), atol=1e-9)
+    assert json.loads((tmp_path / "flip" / "drr.json").read_text())["flip_test"] is True
+    result = predict_cli(sided, path, "--out", tmp_path / "single", "--no-flip-test")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(points(tmp_path / "single" / "drr.csv"), expected_file_px(evaluated, 0, camera), atol=1e-9)
+    assert json.loads((tmp_path / "single" / "drr.json").read_text())["flip_test"] is False
+    # Unsided names: off by default, with a note; asked for, one line and nothing written.
+    result = predict_cli(run, path, "--out", tmp_path / "auto")
+    assert result.exit_code == 0 and "note: no flip test" in result.output, result.output
+    result = predict_cli(run, path, "--out", tmp_path / "forced", "--flip-test")
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "no landmark name ends in -l or -r" in result.output
+    assert not (tmp_path / "forced").exists()
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
