@@ -258,7 +258,7 @@ def train(
     flip_test: Optional[bool] = typer.Option(
         None,
         "--flip-test/--no-flip-test",
-        show_default="off",
+        show_default="no-flip-test",
         help="Train on the flip test's logits (image and mirror image averaged), as pelmark eval scores them; twice the compute.",
     ),
     augment: Optional[str] = typer.Option(

@@ -108,7 +108,7 @@ def _shown_default(command, name: str) -> str:
 
 def _same(shown: str, value) -> bool:
     if isinstance(value, bool):
-        return shown in ("no-" * (not value) + name for name in ("augment", "compile"))
+        return shown in ("no-" * (not value) + name for name in ("augment", "compile", "flip-test"))
     if isinstance(value, (int, float)):
         return float(shown) == value
     return shown == getattr(value, "value", value)
