@@ -168,17 +168,6 @@ def run_classes(run: TrainedRun) -> tuple[str, ...]:
     return tuple(run.info.get("model_spec", {}).get("segmentation_classes") or ())
 
 
-def flip_order(run: TrainedRun) -> tuple[int, ...]:
-    """The output channel order that mirrors ``run``'s outputs.
-
-    Raises:
-        PelmarkError: its landmarks (or bone classes) cannot be mirrored.
-    """
-    order, _ = flip_choice(run, True)
-    assert order is not None
-    return order
-
-
 def flip_choice(run: TrainedRun, asked: bool | None) -> tuple[tuple[int, ...] | None, str | None]:
     """``run``'s flip-test order, or None and why not (:func:`pelmark.train.model.choose_flip_order`).
 
@@ -200,12 +189,12 @@ def predict_split(
     batch_size: int = 16,
     workers: int = 0,
     progress: bool = True,
-    flip: bool = False,
+    flip: tuple[int, ...] | None = None,
 ) -> Predictions:
     """The argmax landmarks of ``run``'s model on the images of ``truth`` (model px).
 
-    The model runs on the device its weights are on. With ``flip``, its logits are the flip test's
-    (:func:`pelmark.train.model.flip_test`); the run's landmarks must have left/right pairs.
+    The model runs on the device its weights are on. With ``flip`` (the output channels' mirror
+    order, :func:`flip_choice`), its logits are the flip test's (:func:`pelmark.train.model.flip_test`).
 
     Raises:
         PelmarkError: the run has no model (diverged before any checkpoint) or
@@ -224,11 +213,10 @@ def predict_split(
     classes = run_classes(run)
     bones = torch.tensor(landmark_bone_matrix(run.landmark_names, classes)) if classes else None
     expected = n_landmarks + (len(classes) + 1 if classes else 0)
-    order = flip_order(run) if flip else None
     predicted, peaks, rows, visibility, segmentation = [], [], [], [], []
     for batch in tqdm(loader, desc=f"{run.name} {truth.split.label}", unit="batch", disable=not progress, dynamic_ncols=True):
         images = batch["image"].to(device, non_blocking=True)
-        outputs = run.model(images).float() if order is None else flip_test(lambda x: run.model(x).float(), images, order)
+        outputs = run.model(images).float() if flip is None else flip_test(lambda x: run.model(x).float(), images, flip)
         if outputs.shape[1] != expected:
             raise PelmarkError(f"model predicts {outputs.shape[1] - expected + n_landmarks} landmarks, the store has {n_landmarks}", run.run_dir)
         logits, seg_logits = split_outputs(outputs, n_landmarks)

@@ -339,7 +339,6 @@ def evaluate_runs(run_dirs: Sequence[Path], store: Path, out: Path, settings: Ev
     splits = choose_splits(group, store, settings.splits)
     runs = load_runs(run_dirs, landmark_names, settings)
     flips = {run.name: flip_choice(run, settings.flip_test) for run in runs if run.status is not RunStatus.DIV}
-    flips = {name: (order is not None, why) for name, (order, why) in flips.items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -371,7 +370,7 @@ def _evaluate(
     splits: tuple[Split, ...],
     folder: Path,
     settings: EvalSettings,
-    flips: dict[str, tuple[bool, str | None]],
+    flips: dict[str, tuple[tuple[int, ...] | None, str | None]],
 ) -> EvalReport:
     from tqdm import tqdm
 
@@ -483,7 +482,7 @@ def _evaluate(
     summary = _summary(runs, store, attrs, landmark_names, base, reference, rows, pose_rows, settings)
     summary["statistics"] = statistics_summary(draws, runs[0].name, ci_rows, compared, robust_figures, settings.seed)
     summary["refine"] = refine_summary(refinements, settings.refine)
-    summary["flip_test"] = {name: on for name, (on, _) in flips.items()}
+    summary["flip_test"] = {name: order is not None for name, (order, _) in flips.items()}
     summary["visibility"] = {
         "file": "visibility.csv",
         "classes": list(classes),
@@ -525,8 +524,8 @@ def _notes(runs: list[TrainedRun], attrs: dict[str, Any], has_reference: bool) -
     return tuple(notes)
 
 
-def _flip_notes(flips: dict[str, tuple[bool, str | None]]) -> tuple[str, ...]:
-    on = [name for name, (flip, _) in flips.items() if flip]
+def _flip_notes(flips: dict[str, tuple[tuple[int, ...] | None, str | None]]) -> tuple[str, ...]:
+    on = [name for name, (order, _) in flips.items() if order is not None]
     notes = [why for _, why in flips.values() if why]
     if on:
         notes.insert(0, f"flip test (each heatmap the mean of the image's and its mirror image's logits): {', '.join(on)}; --no-flip-test for the paper's single pass")

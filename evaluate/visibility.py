@@ -91,8 +91,9 @@ def choose_threshold(peak_probability: np.ndarray, visible: np.ndarray) -> float
     return float(candidates[int(np.argmax(correct))])
 
 
-def validation_rule(run, store: Path, batch_size: int, workers: int, flip: bool = False) -> PresenceRule:
-    """The presence rule of a run without a visibility output: a threshold chosen on its validation images."""
+def validation_rule(run, store: Path, batch_size: int, workers: int, flip: tuple[int, ...] | None = None) -> PresenceRule:
+    """The presence rule of a run without a visibility output: a threshold chosen on its validation images
+    (predicted as eval predicts the run: ``flip`` is its flip-test order, or None for one pass)."""
     from pelmark.evaluate.predict import predict_split, read_truth
     from pelmark.store import Split, StoreReader
     from pelmark.train.loop import split_validation

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pelmark.evaluate.predict import Predictions, predict_split, read_truth, flip_order
+from pelmark.evaluate.predict import Predictions, flip_choice, predict_split, read_truth
 from pelmark.evaluate.stat_tables import split_resampling, squared_errors_px
 from pelmark.evaluate.stats import mean_over_landmarks, paired_difference
 from pelmark.evaluate.tables import rmse_per_landmark
@@ -42,9 +42,9 @@ def median(pred: Predictions) -> float:
 
 
 @torch.no_grad()
-def other_combinations(run, store: Path, truth) -> dict[str, Predictions]:
+def other_combinations(run, store: Path, truth, order: tuple[int, ...]) -> dict[str, Predictions]:
     """The mirror image's pass alone, and the mean of sigmoid probabilities (not what eval ships)."""
-    order = torch.as_tensor(flip_order(run))
+    order = torch.as_tensor(order)
     n = truth.true_px.shape[1]
     dataset = StoreDataset(store, DataSettings(size=run.config.size, splits=(truth.split,), targets=False), indices=truth.rows)
     mirror, probability = [], []
@@ -71,13 +71,14 @@ def main() -> None:
     print("run, split: single pass -> flip test (Mean RMSE, model px); flip minus single [95% CI], p; medians; other combinations")
     for run_dir in args.runs:
         run = load_run(run_dir)
+        order, _ = flip_choice(run, True)
         for split in splits:
             truth = read_truth(args.store, split, run.config.size)
             single = predict_split(run, args.store, truth, progress=False)
-            flipped = predict_split(run, args.store, truth, progress=False, flip=True)
+            flipped = predict_split(run, args.store, truth, progress=False, flip=order)
             draws = split_resampling(truth, 2000, 0)
             d = paired_difference(squared_errors_px(single), squared_errors_px(flipped), draws)
-            others = ", ".join(f"{name} {mean_rmse(p):.2f}" for name, p in other_combinations(run, args.store, truth).items())
+            others = ", ".join(f"{name} {mean_rmse(p):.2f}" for name, p in other_combinations(run, args.store, truth, order).items())
             print(
                 f"{run_dir} {split.label}: {d.baseline_mean:.2f} -> {d.other_mean:.2f}, "
                 f"{d.difference.value:+.2f} [{d.difference.lo:+.2f}, {d.difference.hi:+.2f}] ({d.relative_pct:+.1f} %), p {d.p_value:.3f}; "

@@ -380,10 +380,11 @@ def choose_flip_order(
         return None, None
     try:
         order = output_mirror_order(landmark_names, classes)
-        if order is None:
-            raise PelmarkError(f"no landmark name ends in -l or -r, so left cannot be told from right: {list(landmark_names)}")
+        why = None if order is not None else f"no landmark name ends in -l or -r, so left cannot be told from right: {list(landmark_names)}"
     except PelmarkError as error:
-        if asked:
-            raise PelmarkError(f"no flip test: {error.message}") from None
-        return None, f"no flip test: {error.message}"
-    return order, None
+        order, why = None, error.message
+    if why is None:
+        return order, None
+    if asked:
+        raise PelmarkError(f"no flip test: {why}")
+    return None, f"no flip test: {why}"

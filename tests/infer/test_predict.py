@@ -109,7 +109,7 @@ def test_the_flip_test_gives_evals_flip_test_landmarks(store, run, evaluated, tm
     """With sided landmark names, predict averages the image and its mirror image by default, as eval does."""
     import shutil
 
-    from pelmark.evaluate.predict import predict_split
+    from pelmark.evaluate.predict import flip_choice, predict_split
     from pelmark.train.checkpoint import load_run
 
     sided = tmp_path / "sided"
@@ -117,7 +117,8 @@ def test_the_flip_test_gives_evals_flip_test_landmarks(store, run, evaluated, tm
     info = json.loads((sided / "run.json").read_text())
     info["landmark_names"] = ["A-l", "B", "C", "D", "A-r"]
     (sided / "run.json").write_text(json.dumps(info))
-    flipped = predict_split(load_run(sided), store, evaluated.truth, workers=0, progress=False, flip=True)
+    sided_run = load_run(sided)
+    flipped = predict_split(sided_run, store, evaluated.truth, workers=0, progress=False, flip=flip_choice(sided_run, True)[0])
     assert not np.array_equal(flipped.predicted_px, evaluated.predicted_px)  # the mirror pass changes something
     row = int(evaluated.truth.rows[0])
     camera = store_camera(store)
