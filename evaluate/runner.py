@@ -84,6 +84,7 @@ from pelmark.evaluate.tables import (
 from pelmark.evaluate.units import Unit
 from pelmark.evaluate.visibility import (
     PresenceRule,
+    presence,
     registered_presence,
     validation_rule,
     visibility_rows,
@@ -450,14 +451,13 @@ def _evaluate(
     write_rows(folder / ROBUST_FILE, ROBUST_FIELDS, robust_figures)
     files += [CI_FILE, COMPARISON_FILE, ROBUST_FILE]
 
-    # Visibility: each run's own calls (seg-informed), or a threshold on its peaks chosen on its validation images.
+    # Visibility: a threshold on each run's score (its peaks, or seg-informed's v̂) chosen on its validation images.
     classes = tuple(attrs.get("classes", ()))
     rules: dict[str, PresenceRule] = {}
     for run in runs:
         if run.status is RunStatus.DIV:
             continue
-        own = bool(run.info.get("model_spec", {}).get("segmentation_classes"))
-        rules[run.name] = PresenceRule(own=True) if own else validation_rule(run, store, settings.batch_size, settings.workers, flips[run.name][0])
+        rules[run.name] = validation_rule(run, store, settings.batch_size, settings.workers, flips[run.name][0])
     shown_runs = []
     for split, name, status, pred in raw:
         if pred is None or name not in rules:
@@ -465,12 +465,17 @@ def _evaluate(
         shown_runs.append((pred, rules[name]))
         if id(pred) in refined_from:
             shown_runs.append(registered_presence(pred, rules[name], refined_from[id(pred)]))
-    visibility = visibility_rows(shown_runs, group, classes)
+    visibility = visibility_rows(shown_runs, group, classes, draws)
     write_visibility(folder / "visibility.csv", visibility, classes)
     files.append("visibility.csv")
 
     for split in splits:
-        shown = [p for p in predictions if p.truth.split is split]
+        # A seg-informed model's figure leaves out the landmarks its presence rule calls absent.
+        shown = [
+            dataclasses.replace(p, present=presence(p, rules[p.model])) if p.present is not None and p.model in rules else p
+            for p in predictions
+            if p.truth.split is split
+        ]
         write_samples(folder / f"samples_{split.label}.png", group, base[split], shown, settings.samples)
         files.append(f"samples_{split.label}.png")
     labels = [s.label for s in splits]

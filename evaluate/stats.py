@@ -215,6 +215,22 @@ def bootstrap_rmse(squared_errors: np.ndarray, draws: Resampling) -> RmseInterva
     return RmseIntervals(mean, landmarks, draws.unit, draws.n_subjects, draws.n_images)
 
 
+def bootstrap_proportion(hits: np.ndarray, draws: Resampling) -> Interval:
+    """The share of true entries of ``hits`` (N, L) bool, pooled over every image and landmark, with its
+    95 % interval over the split's resamples (the same clusters as Table 1's intervals)."""
+    hits = np.asarray(hits, dtype=np.float64)
+    n_clusters = draws.weights.shape[1]
+    counts = np.zeros(n_clusters)
+    totals = np.zeros(n_clusters)
+    np.add.at(counts, draws.cluster_of_image, hits.sum(1))
+    np.add.at(totals, draws.cluster_of_image, float(hits.shape[1]))
+    if totals.sum() == 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        resampled = (draws.weights @ counts) / (draws.weights @ totals)
+    return percentile_interval(float(counts.sum() / totals.sum()), resampled)
+
+
 def bootstrap_p_value(differences: np.ndarray) -> float:
     """Two-sided p-value from resampled differences: twice the smaller tail, +1 corrected (module docstring)."""
     differences = np.asarray(differences, dtype=np.float64)

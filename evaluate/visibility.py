@@ -5,13 +5,18 @@ a 30 cm detector, and a model that always puts every landmark somewhere
 makes false landmarks. For every model and split:
 
 present
-    A segmentation-informed model says itself which landmarks are present
-    (seed 003's v̂ > 0, see :mod:`pelmark.train.seg_informed`). For a model
-    without a visibility output, a landmark is present when the sigmoid of its
-    heatmap's peak reaches a threshold chosen on the run's own validation
-    images (the train-split images the run held out, by its ``val_fraction``
-    and ``seed``): the threshold with the best visibility accuracy there
-    (the lowest such, on a tie). A store without those images falls back to 0.5.
+    Every model's "present" call is a threshold on a score of its own, chosen
+    on the run's own validation images (the train-split images the run held
+    out, by its ``val_fraction`` and ``seed``): the threshold with the best
+    visibility accuracy there (the lowest such, on a tie). A store without
+    those images falls back to 0.5. The score of a model without a visibility
+    output is the sigmoid of its heatmap's peak. The score of a
+    segmentation-informed model is seed 003's v̂ ∈ {0, 0.5, 1} (see
+    :mod:`pelmark.train.seg_informed`), so its threshold says which of the
+    paper's levels means "present": 0.5 (v̂ > 0, the paper's false-positive
+    rule, and the fallback) or 1 (found *and* on one of its own bones; a
+    peak off its bone, v̂ = 0.5, is the model's own flag of an inconsistent
+    detection, and ``--refine`` already leaves those out of its vote).
     A ``<run>+reg`` row (``pelmark eval --refine``) calls a landmark present
     where the robust pose of the run's found landmarks projects its CT
     landmark into the image: the anatomy, not the heatmap, says what is in the
@@ -19,7 +24,9 @@ present
     registration failed or is unconfirmed keeps the run's own calls.
 accuracy, precision, recall
     Over every (image, landmark) pair: accuracy of "present" against the truth
-    (the landmark on the model's image), precision and recall of "present".
+    (the landmark on the model's image), with its 95 % interval over the
+    split's resampled subjects (the resamples of Table 1's intervals), and
+    precision and recall of "present".
 rmse_both_present_px
     Table 1's Mean (the mean over landmarks of each landmark's RMSE, model px),
     over only the pairs that are both truly and predictedly present.
@@ -32,6 +39,7 @@ dice_<class>
 from __future__ import annotations
 
 import dataclasses
+import enum
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +47,32 @@ import numpy as np
 import torch
 
 from pelmark.evaluate.predict import Predictions, SplitTruth
+from pelmark.evaluate.stats import Resampling, bootstrap_proportion
 
 # The threshold of a model without a visibility output when the store has no validation images of its run.
 FALLBACK_THRESHOLD = 0.5
 
 
+class Score(str, enum.Enum):
+    """What a presence threshold applies to."""
+
+    PEAK = "peak sigmoid"  # the sigmoid of the heatmap's largest logit
+    VISIBILITY = "v̂"  # a segmentation-informed model's seed-003 visibility, in {0, 0.5, 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class PresenceRule:
-    """How a model's "present" calls are made: by the model itself, or by a threshold on its heatmap peaks."""
+    """How a model's "present" calls are made: given with its predictions (``own``), or a threshold on a score."""
 
     own: bool
     threshold: float | None = None
     source: str = ""
+    score: Score = Score.PEAK
 
     def describe(self) -> str:
         if self.own:
             return self.source or "model's visibility output"
-        return f"peak sigmoid >= {self.threshold:.4g} ({self.source})"
+        return f"{self.score.value} >= {self.threshold:.4g} ({self.source})"
 
 
 REGISTERED_PRESENCE = "registered CT landmark inside the image (the run's rule where the registration failed or is unconfirmed)"
@@ -92,15 +109,17 @@ def choose_threshold(peak_probability: np.ndarray, visible: np.ndarray) -> float
 
 
 def validation_rule(run, store: Path, batch_size: int, workers: int, flip: tuple[int, ...] | None = None) -> PresenceRule:
-    """The presence rule of a run without a visibility output: a threshold chosen on its validation images
-    (predicted as eval predicts the run: ``flip`` is its flip-test order, or None for one pass)."""
-    from pelmark.evaluate.predict import predict_split, read_truth
+    """The presence rule of a run: a threshold on its score (the peak's sigmoid, or v̂ for a model with a
+    visibility output), chosen on its validation images (predicted as eval predicts the run: ``flip`` is its
+    flip-test order, or None for one pass)."""
+    from pelmark.evaluate.predict import predict_split, read_truth, run_classes
     from pelmark.store import Split, StoreReader
     from pelmark.train.loop import split_validation
 
+    score = Score.VISIBILITY if run_classes(run) else Score.PEAK
     rows = StoreReader(store).rows(Split.TRAIN)
     if len(rows) < 2 or run.config.val_fraction <= 0:
-        return PresenceRule(own=False, threshold=FALLBACK_THRESHOLD, source="no validation images: fixed")
+        return PresenceRule(own=False, threshold=FALLBACK_THRESHOLD, source="no validation images: fixed", score=score)
     _, val_rows = split_validation(rows, run.config.val_fraction, run.config.seed)
     truth = read_truth(store, Split.TRAIN, run.config.size)
     keep = np.isin(truth.rows, val_rows)
@@ -114,19 +133,32 @@ def validation_rule(run, store: Path, batch_size: int, workers: int, flip: tuple
         landmarks_3d=truth.landmarks_3d[keep],
     )
     pred = predict_split(run, store, subset, batch_size, workers, progress=False, flip=flip)
-    threshold = choose_threshold(pred.peak_probability, subset.visible)
-    return PresenceRule(own=False, threshold=threshold, source=f"chosen on {subset.n_images} validation images")
+    threshold = choose_threshold(score_of(pred, score), subset.visible)
+    return PresenceRule(own=False, threshold=threshold, source=f"chosen on {subset.n_images} validation images", score=score)
+
+
+def score_of(pred: Predictions, score: Score) -> np.ndarray:
+    """(N, L) the values that ``score`` thresholds.
+
+    Raises:
+        ValueError: ``pred`` has no such values (v̂ of a model without a visibility output).
+    """
+    values = pred.visibility if score is Score.VISIBILITY else pred.peak_probability
+    if values is None:
+        raise ValueError(f"{pred.model} has no {score.value} to threshold")
+    return np.asarray(values)
 
 
 def presence(pred: Predictions, rule: PresenceRule) -> np.ndarray:
     """(N, L) the predicted "present" calls of ``pred`` under ``rule``."""
     if rule.own:
         return np.asarray(pred.present, dtype=bool)
-    return np.asarray(pred.peak_probability) >= rule.threshold
+    return score_of(pred, rule.score) >= rule.threshold
 
 
-def visibility_metrics(pred: Predictions, present: np.ndarray) -> dict[str, float]:
-    """Accuracy, precision and recall of ``present`` against the truth, and the RMSE over both-present pairs."""
+def visibility_metrics(pred: Predictions, present: np.ndarray, draws: Resampling | None = None) -> dict[str, float]:
+    """Accuracy (with its interval over ``draws``, the split's resamples), precision and recall of ``present``
+    against the truth, and the RMSE over both-present pairs."""
     truth = pred.truth.visible
     tp = int((present & truth).sum())
     fp = int((present & ~truth).sum())
@@ -134,8 +166,11 @@ def visibility_metrics(pred: Predictions, present: np.ndarray) -> dict[str, floa
     both = present & truth
     distance2 = np.square(pred.predicted_px - pred.truth.true_px).sum(-1)
     per_landmark = [np.sqrt(distance2[both[:, l], l].mean()) for l in range(truth.shape[1]) if both[:, l].any()]
+    accuracy = bootstrap_proportion(present == truth, draws) if draws is not None else None
     return {
         "accuracy": float((present == truth).mean()),
+        "accuracy_lo": accuracy.lo if accuracy is not None else float("nan"),
+        "accuracy_hi": accuracy.hi if accuracy is not None else float("nan"),
         "precision": tp / (tp + fp) if tp + fp else float("nan"),
         "recall": tp / (tp + fn) if tp + fn else float("nan"),
         "true_present": int(truth.sum()),
@@ -168,20 +203,20 @@ def dice_per_class(predicted: np.ndarray, labels: np.ndarray, n_classes: int) ->
 
 def visibility_fields(classes: tuple[str, ...]) -> tuple[str, ...]:
     return (
-        "split", "model", "presence", "accuracy", "precision", "recall", "true_present", "predicted_present",
+        "split", "model", "presence", "accuracy", "accuracy_lo", "accuracy_hi", "precision", "recall", "true_present", "predicted_present",
         "rmse_both_present_px", "n_both_present", *(f"dice_{c}" for c in classes),
     )  # fmt: skip
 
 
 def visibility_rows(
-    entries: list[tuple[Predictions, PresenceRule]], group, classes: tuple[str, ...]
+    entries: list[tuple[Predictions, PresenceRule]], group, classes: tuple[str, ...], draws: dict[str, Resampling] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per (prediction, rule): the metrics of the module docstring."""
+    """One row per (prediction, rule): the metrics of the module docstring (``draws``: each split's resamples, by label)."""
     labels: dict[tuple[str, int], np.ndarray | None] = {}
     rows = []
     for pred, rule in entries:
         row: dict[str, Any] = {"split": pred.truth.split.label, "model": pred.model, "presence": rule.describe()}
-        row.update(visibility_metrics(pred, presence(pred, rule)))
+        row.update(visibility_metrics(pred, presence(pred, rule), (draws or {}).get(pred.truth.split.label)))
         if pred.segmentation is not None and classes:
             key = (pred.truth.split.label, pred.truth.size)
             if key not in labels:
@@ -204,11 +239,14 @@ def write_visibility(path: Path, rows: list[dict[str, Any]], classes: tuple[str,
 
 def visibility_text(rows: list[dict[str, Any]], classes: tuple[str, ...]) -> str:
     """The rows as an aligned table for the terminal (accuracy, precision, recall in %, RMSE in model px, Dice)."""
-    header = ["split", "model", "vis.acc", "prec", "recall", "RMSE both", *(f"Dice {c}" for c in classes)]
+    header = ["split", "model", "vis.acc", "95% CI", "prec", "recall", "RMSE both", *(f"Dice {c}" for c in classes)]
     lines = [header]
     for row in rows:
         cells = [row["split"], row["model"]]
-        cells += [_pct(row.get(k)) for k in ("accuracy", "precision", "recall")]
+        cells.append(_pct(row.get("accuracy")))
+        low, high = _pct(row.get("accuracy_lo")), _pct(row.get("accuracy_hi"))
+        cells.append(f"[{low}, {high}]" if low and high else "")
+        cells += [_pct(row.get(k)) for k in ("precision", "recall")]
         cells.append(_num(row.get("rmse_both_present_px")))
         cells += [_num(row.get(f"dice_{c}"), 3) for c in classes]
         lines.append(cells)

@@ -398,7 +398,7 @@ def eval_(
     if report.visibility:
         from pelmark.evaluate.visibility import visibility_text
 
-        typer.echo("\nLandmark visibility: accuracy, precision and recall of 'present' (%), RMSE (model px) over landmarks truly and predictedly present, Dice per bone class:")
+        typer.echo("\nLandmark visibility: accuracy of 'present' (%) with its 95 % CI, precision and recall (%), RMSE (model px) over landmarks truly and predictedly present, Dice per bone class:")
         typer.echo(visibility_text(list(report.visibility), report.classes))
     for note in report.notes:
         typer.echo(f"note: {note}")

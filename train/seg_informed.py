@@ -26,7 +26,9 @@ Visibility
     ``v̂ = p · (1 + q) / 2``, ``p = sigmoid(max H)`` and ``q`` the softmax(H)-weighted
     probability that the segmentation puts on the landmark's bones; it equals
     the discrete v̂ when p, q ∈ {0, 1}. The predicted visibility that evaluation
-    reports is the discrete one: a landmark with v̂ = 0 is reported absent.
+    reports is the discrete one: a landmark with v̂ = 0 is reported absent, and
+    ``pelmark eval`` chooses on each run's validation images whether v̂ = 0.5 (a
+    peak off its bone) counts as present (:mod:`pelmark.evaluate.visibility`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from pelmark.evaluate.stats import (
+    Resampling,
     ResampleUnit,
     bootstrap_p_value,
+    bootstrap_proportion,
     bootstrap_rmse,
     paired_difference,
     resampling,
@@ -170,3 +172,26 @@ def test_robust_figures_by_hand():
     assert figures["within_10px"] == pytest.approx(5 / 6)
     empty = robust_figures(np.full((2, 2), np.nan))
     assert empty["n"] == 0 and math.isnan(empty["median"]) and math.isnan(empty["within_5px"])
+
+
+# ---------------------------------------------------------------- proportions (visibility accuracy)
+
+
+def test_proportion_pools_every_image_and_landmark_and_resamples_subjects():
+    # Subject a: 2 images x 2 landmarks, 4 of 4 right; subject b: 1 image, 0 of 2 right. Pooled 4 / 6.
+    hits = np.array([[True, True], [True, True], [False, False]])
+    subjects = np.array(["a", "a", "b"])
+    draws = resampling(subjects, 500, np.random.default_rng(0))
+    interval = bootstrap_proportion(hits, draws)
+    assert interval.value == pytest.approx(4 / 6)
+    # A resample holds a twice (1), b twice (0) or one of each (4 / 6): the interval spans [0, 1].
+    assert interval.lo == pytest.approx(0.0) and interval.hi == pytest.approx(1.0)
+    # By hand: the draw (a, a) gives 8 / 8 and (a, b) gives 4 / 6.
+    hand = Resampling(draws.unit, draws.cluster_of_image, np.array([[2.0, 0.0], [1.0, 1.0]]), 2)
+    assert bootstrap_proportion(hits, hand).lo == pytest.approx(4 / 6 + (1 - 4 / 6) * 0.025)
+
+
+def test_proportion_of_a_split_where_every_call_is_right_has_no_spread():
+    draws = resampling(np.array(["a", "b", "c"]), 200, np.random.default_rng(1))
+    interval = bootstrap_proportion(np.ones((3, 4), dtype=bool), draws)
+    assert (interval.value, interval.lo, interval.hi) == (1.0, 1.0, 1.0)

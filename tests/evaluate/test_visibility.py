@@ -16,6 +16,7 @@ from pelmark.cli import app
 from pelmark.evaluate.predict import Predictions, SplitTruth
 from pelmark.evaluate.visibility import (
     PresenceRule,
+    Score,
     choose_threshold,
     dice_per_class,
     presence,
@@ -29,7 +30,7 @@ from pelmark.train.loop import train
 CAMERA = Camera.centered(32, 32, spacing_mm=2.0)
 
 
-def _predictions(true_px, visible, predicted_px, peaks=None, present=None) -> Predictions:
+def _predictions(true_px, visible, predicted_px, peaks=None, present=None, v_hat=None) -> Predictions:
     n, l = np.asarray(visible).shape
     truth = SplitTruth(
         split=Split.NOVEL_SUBJECT,
@@ -42,7 +43,7 @@ def _predictions(true_px, visible, predicted_px, peaks=None, present=None) -> Pr
         model_camera=CAMERA,
         store_camera=CAMERA,
     )
-    return Predictions("m", truth, np.asarray(predicted_px, dtype=np.float64), peaks, present=present)
+    return Predictions("m", truth, np.asarray(predicted_px, dtype=np.float64), peaks, present=present, visibility=v_hat)
 
 
 def test_the_threshold_is_the_best_split_of_the_validation_peaks():
@@ -55,6 +56,31 @@ def test_the_threshold_is_the_best_split_of_the_validation_peaks():
     assert choose_threshold(np.array([0.1, 0.2, 0.7, 0.8]), np.array([False, False, True, True])) == pytest.approx(0.7)
     # Nothing present: a threshold above every peak.
     assert choose_threshold(np.array([0.4, 0.9]), np.array([False, False])) > 1.0
+
+
+def test_the_v_hat_level_that_means_present_is_chosen_like_a_threshold():
+    # Seed 003's v̂ of four landmarks: 0, 0.5, 0.5, 1. Truth: only the v̂ = 1 one is present.
+    # v̂ >= 0.5 (the paper's v̂ > 0) gets 2 of 4; v̂ >= 1 gets 4 of 4.
+    v_hat = np.array([0.0, 0.5, 0.5, 1.0])
+    assert choose_threshold(v_hat, np.array([False, False, False, True])) == pytest.approx(1.0)
+    # Both off-bone peaks truly present: v̂ >= 0.5 gets 4 of 4.
+    assert choose_threshold(v_hat, np.array([False, True, True, True])) == pytest.approx(0.5)
+    # One of each: 3 of 4 either way; the tie goes to the lower level, the paper's rule.
+    assert choose_threshold(v_hat, np.array([False, True, False, True])) == pytest.approx(0.5)
+
+
+def test_presence_thresholds_the_rule_s_score():
+    true_px = np.zeros((1, 3, 2))
+    visible = [[True, True, False]]
+    pred = _predictions(true_px, visible, true_px, peaks=np.array([[0.9, 0.2, 0.8]]), v_hat=np.array([[1.0, 0.5, 0.0]]))
+    strict = PresenceRule(own=False, threshold=1.0, source="test", score=Score.VISIBILITY)
+    np.testing.assert_array_equal(presence(pred, strict), [[True, False, False]])
+    np.testing.assert_array_equal(presence(pred, PresenceRule(own=False, threshold=0.5, score=Score.VISIBILITY)), [[True, True, False]])
+    np.testing.assert_array_equal(presence(pred, PresenceRule(own=False, threshold=0.5)), [[True, False, True]])
+    assert strict.describe() == "v̂ >= 1 (test)"
+    # A model without v̂ cannot be thresholded on it.
+    with pytest.raises(ValueError, match="no v̂"):
+        presence(_predictions(true_px, visible, true_px, peaks=np.array([[0.9, 0.2, 0.8]])), strict)
 
 
 def test_accuracy_precision_recall_and_rmse_over_both_present_by_hand():
@@ -107,9 +133,10 @@ def test_eval_reports_visibility_for_every_model_and_dice_for_seg_informed(tmp_p
     by_model = {(r["split"], r["model"]): r for r in rows}
     assert set(by_model) == {(s, m) for s in ("novel_view", "novel_subject") for m in ("baseline", "seg-informed")}
     assert "validation images" in by_model["novel_subject", "baseline"]["presence"]
-    assert by_model["novel_subject", "seg-informed"]["presence"] == "model's visibility output"
+    assert by_model["novel_subject", "seg-informed"]["presence"].startswith("v̂ >= ")
+    assert "validation images" in by_model["novel_subject", "seg-informed"]["presence"]
     for row in rows:
-        assert 0.0 <= float(row["accuracy"]) <= 1.0
+        assert 0.0 <= float(row["accuracy_lo"]) <= float(row["accuracy"]) <= float(row["accuracy_hi"]) <= 1.0
     assert all(by_model["novel_subject", "baseline"][f"dice_{c}"] == "" for c in BONE_CLASSES)
     assert all(0.0 <= float(by_model["novel_subject", "seg-informed"][f"dice_{c}"]) <= 1.0 for c in BONE_CLASSES)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
