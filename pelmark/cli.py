@@ -523,7 +523,7 @@ def predict(
 
     model = OnnxModel(onnx) if onnx is not None else TorchModel(run_dir, device=device, store=store)
     try:
-        flip, why = choose_flip_order(model.grid.landmark_names, asked=flip_test)
+        flip, why = choose_flip_order(model.grid.landmark_names, model.grid.segmentation_classes, asked=flip_test)
     except PelmarkError as error:
         raise PelmarkError(error.message, onnx or run_dir) from None
     ct_points = None if ct_landmarks is None else read_ct_landmarks(ct_landmarks, model.grid.landmark_names, ct)

@@ -31,8 +31,9 @@ class HeatmapModel(Protocol):
     name: str
     grid: ModelGrid
 
-    def logits(self, image: Tensor) -> Tensor:
-        """(1, L, H, W) float32 landmark logits of a (1, 1, H, W) input, on the CPU."""
+    def outputs(self, image: Tensor) -> Tensor:
+        """(1, L + K, H, W) float32 outputs of a (1, 1, H, W) input, on the CPU: the L landmark logits,
+        then a segmentation-informed model's K segmentation logits (K = 0 for a heatmap model)."""
         ...
 
 
@@ -63,6 +64,7 @@ def run_grid(run, store: Path | None = None) -> ModelGrid:
         store_camera=run_store_camera(run.run_dir, run.info, store),
         size=int(run.config.size),
         multiple=2**depth,
+        segmentation_classes=tuple(run.info.get("model_spec", {}).get("segmentation_classes") or ()),
     )
 
 
@@ -82,9 +84,8 @@ class TorchModel:
         self.device = next(run.model.parameters()).device
 
     @torch.no_grad()
-    def logits(self, image: Tensor) -> Tensor:
-        outputs = self.run.model(image.to(self.device)).float()
-        return outputs[:, : len(self.grid.landmark_names)].cpu()
+    def outputs(self, image: Tensor) -> Tensor:
+        return self.run.model(image.to(self.device)).float().cpu()
 
 
 class OnnxModel:
@@ -107,9 +108,9 @@ class OnnxModel:
         self.grid = ModelGrid.from_dict(metadata["grid"])
         self.input_name = self.session.get_inputs()[0].name
 
-    def logits(self, image: Tensor) -> Tensor:
+    def outputs(self, image: Tensor) -> Tensor:
         (outputs,) = self.session.run(None, {self.input_name: image.numpy().astype(np.float32)})
-        return torch.from_numpy(outputs[:, : len(self.grid.landmark_names)])
+        return torch.from_numpy(outputs)
 
 
 def onnx_metadata(grid: ModelGrid, run_name: str, output_channels: int) -> dict[str, Any]:

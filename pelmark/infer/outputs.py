@@ -5,7 +5,8 @@ one). Coordinates are the input file's pixels: ``x`` the column, ``y`` the row, 
 pixel (row r, column c) at (c, r), as everywhere in pelmark.
 
 CSV, one row per landmark
-    ``image, landmark, x_px, y_px, peak_probability, present``; with ``--ct-landmarks`` also
+    ``image, landmark, x_px, y_px, peak_probability, present``; for a segmentation-informed model
+    also ``visibility``, its v̂ (0 not found, 0.5 found off its bone, 1 on it; present needs 1); with ``--ct-landmarks`` also
     ``reprojected_x_px, reprojected_y_px, inlier, registration_degenerate, registration_unconfirmed,
     present_registered`` and the pose ``rx_rad, ry_rad, rz_rad, tx_mm, ty_mm, tz_mm`` (the same on
     every row of an image). ``present_registered`` is ``pelmark eval --refine``'s visibility: the
@@ -102,6 +103,8 @@ def landmark_rows(prediction: ImagePrediction) -> list[dict[str, Any]]:
             "peak_probability": float(prediction.peak_probability[i]),
             "present": bool(prediction.present[i]),
         }
+        if prediction.visibility is not None:
+            row["visibility"] = float(prediction.visibility[i])
         if registration is not None:
             row["reprojected_x_px"] = float(registration.reprojected_px[i, 0])
             row["reprojected_y_px"] = float(registration.reprojected_px[i, 1])

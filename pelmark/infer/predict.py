@@ -4,7 +4,11 @@ Per image: read (:mod:`pelmark.infer.images`), prepare (:mod:`pelmark.infer.prep
 the model's logits, each landmark's argmax (:func:`pelmark.train.model.hard_argmax`) and
 the sigmoid of its peak, as ``pelmark eval`` predicts. A landmark is *present* by
 ``pelmark eval``'s found rule (:data:`pelmark.evaluate.predict.FOUND_PROBABILITY`): its peak
-probability reaches 0.5 and its argmax lies on the file's image (not in the padding).
+probability reaches 0.5 and its argmax lies on the file's image (not in the padding). A
+segmentation-informed model also gives seed 003's visibility v̂ of each landmark
+(:func:`pelmark.train.seg_informed.discrete_visibility`), and a landmark it finds off its own bone
+(v̂ = 0.5) is not present: the landmarks that vote in ``pelmark eval --refine``, and the level that
+``pelmark eval``'s validation images chose on every demo run (README, *Results*, round 6).
 
 With CT landmarks, the present landmarks are registered to them by
 :func:`pelmark.registration.register_robust` (RANSAC over subsets, then LM on the inliers),
@@ -106,6 +110,7 @@ class ImagePrediction:
         present: (L,) the found rule (see the module docstring).
         registration: with CT landmarks, their registration; None otherwise.
         flip_test: the logits are the flip test's (image and mirror image averaged).
+        visibility: (L,) a segmentation-informed model's v̂ in {0, 0.5, 1}; None for a heatmap model.
     """
 
     xray: XrayImage
@@ -117,6 +122,7 @@ class ImagePrediction:
     present: np.ndarray
     registration: Registration | None = None
     flip_test: bool = False
+    visibility: np.ndarray | None = None
 
 
 def predict_image(
@@ -131,20 +137,29 @@ def predict_image(
         PelmarkError: a bad file (see :func:`read_xray` and :func:`prepare`) or a model of another output size.
     """
     from pelmark.evaluate.predict import FOUND_PROBABILITY
+    from pelmark.landmark_sets import landmark_bone_matrix
     from pelmark.train.model import flip_test, hard_argmax
+    from pelmark.train.seg_informed import discrete_visibility, split_outputs
 
     xray = read_xray(path)
     prepared = prepare(xray, model.grid, settings)
     image = prepared.image[None]
-    logits = model.logits(image).float() if flip is None else flip_test(lambda x: model.logits(x).float(), image, flip)
-    names = model.grid.landmark_names
-    if logits.shape[0] != 1 or logits.shape[1] != len(names) or tuple(logits.shape[2:]) != tuple(prepared.image.shape[1:]):
-        raise PelmarkError(f"model gave logits of shape {tuple(logits.shape)} for an input of {tuple(prepared.image.shape)}", path)
+    outputs = model.outputs(image).float() if flip is None else flip_test(lambda x: model.outputs(x).float(), image, flip)
+    names, classes = model.grid.landmark_names, model.grid.segmentation_classes
+    channels = len(names) + (len(classes) + 1 if classes else 0)
+    if outputs.shape[0] != 1 or outputs.shape[1] != channels or tuple(outputs.shape[2:]) != tuple(prepared.image.shape[1:]):
+        raise PelmarkError(f"model gave outputs of shape {tuple(outputs.shape)} for an input of {tuple(prepared.image.shape)}", path)
+    logits, seg_logits = split_outputs(outputs, len(names))
     model_px = hard_argmax(logits)[0].to(torch.float64)
     peak = torch.sigmoid(logits.flatten(2).amax(-1))[0].to(torch.float64).numpy()
     oriented_px = prepared.model_camera.pixels_to(prepared.oriented_camera, model_px)
     inside = prepared.oriented_camera.contains(oriented_px).numpy()
     present = inside & (peak >= FOUND_PROBABILITY)
+    visibility = None
+    if seg_logits is not None:
+        bones = torch.tensor(landmark_bone_matrix(names, classes))
+        visibility = discrete_visibility(logits, seg_logits, bones)[0].numpy().astype(np.float64)
+        present = present & (visibility == 1)
     registration = None if ct is None else register(oriented_px, present, ct, prepared)
     return ImagePrediction(
         xray=xray,
@@ -156,6 +171,7 @@ def predict_image(
         present=present,
         registration=registration,
         flip_test=flip is not None,
+        visibility=visibility,
     )
 
 

@@ -49,12 +49,15 @@ class ModelGrid:
         store_camera: the training store's detector (its SDD and SID are the fallbacks for a file without them).
         size: the side of the square model input in training.
         multiple: the input's sides must be multiples of this (2 ** encoder depth).
+        segmentation_classes: a segmentation-informed model's bone classes (its outputs after the
+            heatmaps are the background's and these classes' logits); () for a heatmap model.
     """
 
     landmark_names: tuple[str, ...]
     store_camera: Camera
     size: int
     multiple: int
+    segmentation_classes: tuple[str, ...] = ()
 
     @property
     def model_camera(self) -> Camera:
@@ -67,6 +70,7 @@ class ModelGrid:
             "store_camera": self.store_camera.to_dict(),
             "size": self.size,
             "multiple": self.multiple,
+            "segmentation_classes": list(self.segmentation_classes),
         }
 
     @classmethod
@@ -76,6 +80,7 @@ class ModelGrid:
             store_camera=Camera.from_dict(values["store_camera"]),
             size=int(values["size"]),
             multiple=int(values["multiple"]),
+            segmentation_classes=tuple(values.get("segmentation_classes", ())),  # absent in files before seg-informed
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -193,7 +194,7 @@ class PerfectDetector:
     def __init__(self, grid: ModelGrid, model_px: np.ndarray):
         self.name, self.grid, self.model_px = "perfect", grid, np.rint(model_px).astype(int)
 
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
+    def outputs(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
         logits = torch.full((1, len(self.model_px), height, width), -10.0)
         for i, (x, y) in enumerate(self.model_px):
@@ -246,3 +247,94 @@ def test_registration_of_true_landmarks_recovers_the_pose(cohort, store, tmp_pat
 def test_registration_needs_four_landmarks(cohort):
     with pytest.raises(PelmarkError, match="at least 4 landmarks"):
         read_ct_landmarks(cohort / "landmarks" / "b2.mrk.json", NAMES[:3])
+
+
+# ---------------------------------------------------------------- a segmentation-informed model's visibility
+
+
+class SegInformedStub:
+    """Landmark 0 peaks on bone, landmark 1 off it (the right half is background), the others nowhere."""
+
+    def __init__(self, grid: ModelGrid):
+        self.name, self.grid = "seg-stub", grid
+
+    def outputs(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        heatmaps = torch.full((1, len(self.grid.landmark_names), height, width), -10.0)
+        heatmaps[0, 0, height // 2, width // 4] = 10.0
+        heatmaps[0, 1, height // 2, 3 * width // 4] = 10.0
+        segmentation = torch.zeros((1, 2, height, width))
+        segmentation[0, 1, :, : width // 2] = 1.0  # bone (class 1) on the left half, background on the right
+        return torch.cat([heatmaps, segmentation], dim=1)
+
+
+def test_a_seg_informed_model_reports_its_visibility_and_a_peak_off_its_bone_is_absent(store, evaluated, tmp_path):
+    camera = store_camera(store)
+    grid = ModelGrid(tuple(NAMES), camera, SIZE, 8, segmentation_classes=("bone",))
+    path = write_dicom(tmp_path / "x.dcm", store_image(store, int(evaluated.truth.rows[0])), camera.spacing_x_mm, camera.sdd_mm)
+    report = predict_files([path], SegInformedStub(grid), tmp_path / "out", ReadSettings(), progress=False)
+    assert not report.failures
+    rows = read_rows(tmp_path / "out" / "x.csv")
+    # v̂: 1 found on bone, 0.5 found off it, 0 not found (the names have no known bone: any bone class counts).
+    assert [float(r["visibility"]) for r in rows] == [1.0, 0.5, 0.0, 0.0, 0.0]
+    assert [r["present"] == "True" for r in rows] == [True, False, False, False, False]
+    # A heatmap model's rows have no visibility column.
+    plain = PerfectDetector(ModelGrid(tuple(NAMES), camera, SIZE, 8), np.zeros((len(NAMES), 2)))
+    assert not predict_files([path], plain, tmp_path / "plain", ReadSettings(), progress=False).failures
+    assert "visibility" not in read_rows(tmp_path / "plain" / "x.csv")[0]
+
+
+def test_a_model_with_the_wrong_number_of_outputs_is_one_line(store, evaluated, tmp_path):
+    camera = store_camera(store)
+    # The grid says two bone classes (three segmentation outputs); the stub gives two.
+    grid = ModelGrid(tuple(NAMES), camera, SIZE, 8, segmentation_classes=("bone", "other"))
+    path = write_dicom(tmp_path / "x.dcm", store_image(store, int(evaluated.truth.rows[0])), camera.spacing_x_mm, camera.sdd_mm)
+    lines = []
+    report = predict_files([path], SegInformedStub(grid), tmp_path / "out", ReadSettings(), progress=False, echo=lines.append)
+    assert len(report.failures) == 1 and "model gave outputs of shape" in report.failures[0][1]
+    assert len(lines) == 1 and str(path) in lines[0]
+
+
+def test_model_grid_reads_files_written_before_segmentation_classes(store):
+    grid = ModelGrid(tuple(NAMES), store_camera(store), SIZE, 8)
+    values = grid.to_dict()
+    assert values["segmentation_classes"] == []
+    del values["segmentation_classes"]
+    assert ModelGrid.from_dict(values) == grid
+
+
+@pytest.mark.slow
+def test_a_seg_informed_run_predicts_evals_visibility_also_through_onnx(tmp_path):
+    """predict's v̂ and present calls on a DICOM of a store image are eval's v̂ and votes for that image,
+    from the run and from its ONNX export (whose metadata carries the bone classes)."""
+    from cohort_fixtures import write_bead_store
+    from pelmark.train.checkpoint import load_run
+    from pelmark.train.config import Strategy, TrainConfig
+    from pelmark.train.loop import train
+    from pelmark.evaluate.predict import predict_split
+
+    store = write_bead_store(tmp_path / "cohort", bones=True)
+    group = open_store(store, mode="r+")
+    images = np.asarray(group["images"][:], dtype=np.float64)
+    group["images"][:] = np.round(images / images.max() * LEVELS).astype(np.float16)  # exact in DICOM
+    config = TrainConfig(
+        strategy=Strategy.SEG_INFORMED, size=SIZE, encoder="resnet18", encoder_depth=3, batch_size=2, max_steps=2,
+        workers=0, device="cpu", checkpoint_every=0,
+    )  # fmt: skip
+    run = tmp_path / "seg"
+    train(config, store, run, progress=False)
+    truth = read_truth(store, Split.NOVEL_SUBJECT, SIZE)
+    evaluated = predict_split(load_run(run), store, truth, workers=0, progress=False)
+    camera = store_camera(store)
+    path = write_dicom(tmp_path / "x.dcm", store_image(store, int(truth.rows[0])), camera.spacing_x_mm, camera.sdd_mm)
+    onnx = tmp_path / "seg.onnx"
+    outputs = {"run": predict_cli(run, path, "--out", tmp_path / "by-run", "--no-flip-test")}
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert CliRunner().invoke(app, ["export", str(run), "--onnx", str(onnx)]).exit_code == 0
+        outputs["onnx"] = predict_cli("--onnx", onnx, path, "--out", tmp_path / "by-onnx", "--no-flip-test")
+    for name, result in outputs.items():
+        assert result.exit_code == 0, result.output
+        rows = read_rows(tmp_path / f"by-{name}" / "x.csv")
+        assert [float(r["visibility"]) for r in rows] == evaluated.visibility[0].tolist()
+        assert [r["present"] == "True" for r in rows] == evaluated.votes()[0].tolist()
+        np.testing.assert_allclose(points(tmp_path / f"by-{name}" / "x.csv"), expected_file_px(evaluated, 0, camera), atol=1e-9)
