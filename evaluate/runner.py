@@ -483,7 +483,7 @@ def _evaluate(
     write_error_cdf(folder / "error_cdf.png", predictions, labels)
     files += ["per_landmark_error.png", "error_cdf.png"]
 
-    notes = _notes(runs, attrs, reference is not None) + _flip_notes(flips) + resampling_notes(draws) + failure_notes(refinements)
+    notes = _notes(runs, attrs, reference is not None) + _flip_notes(flips) + _presence_notes(rules) + resampling_notes(draws) + failure_notes(refinements)
     summary = _summary(runs, store, attrs, landmark_names, base, reference, rows, pose_rows, settings)
     summary["statistics"] = statistics_summary(draws, runs[0].name, ci_rows, compared, robust_figures, settings.seed)
     summary["refine"] = refine_summary(refinements, settings.refine)
@@ -535,6 +535,13 @@ def _flip_notes(flips: dict[str, tuple[tuple[int, ...] | None, str | None]]) -> 
     if on:
         notes.insert(0, f"flip test (each heatmap the mean of the image's and its mirror image's logits): {', '.join(on)}; --no-flip-test for the paper's single pass")
     return tuple(notes)
+
+
+def _presence_notes(rules: dict[str, PresenceRule]) -> tuple[str, ...]:
+    """One note saying what "present" means for each run in the visibility table."""
+    if not rules:
+        return ()
+    return ("visibility, 'present' is: " + "; ".join(f"{name}: {rule.describe()}" for name, rule in rules.items()),)
 
 
 def _pose_rows(splits: tuple[Split, ...], runs: list[TrainedRun], entries: list) -> list[dict[str, Any]]:

@@ -332,6 +332,7 @@ def test_store_without_train_images_has_no_reference(store, runs, tmp_path):
     assert report.notes[0] == "no mean-position rows: the store has no train images"
     assert report.notes[1:] == (
         "run_a: no flip test: no landmark name ends in -l or -r, so left cannot be told from right: ['A', 'B', 'C', 'D', 'E']",
+        "visibility, 'present' is: run_a: peak sigmoid >= 0.5 (no validation images: fixed)",
         "novel_subject: 1 subject, so its intervals resample images, which ignores that views of one CT are alike (too narrow)",
     )
 

@@ -128,6 +128,7 @@ def test_eval_reports_visibility_for_every_model_and_dice_for_seg_informed(tmp_p
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Landmark visibility" in result.output
+    assert "visibility, 'present' is: baseline: peak sigmoid >= " in result.output and "seg-informed: v̂ >= " in result.output
     with open(tmp_path / "eval" / "visibility.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     by_model = {(r["split"], r["model"]): r for r in rows}
