@@ -31,7 +31,7 @@ from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.store import Split, StoreReader
 from pelmark.train.checkpoint import TrainedRun
 from pelmark.train.data import DataSettings, StoreDataset
-from pelmark.train.model import choose_flip_order, flip_test, hard_argmax
+from pelmark.train.model import choose_flip_order, flip_test, hard_argmax, output_channels
 from pelmark.train.seg_informed import discrete_visibility, split_outputs
 
 
@@ -212,7 +212,7 @@ def predict_split(
     n_landmarks = truth.true_px.shape[1]
     classes = run_classes(run)
     bones = torch.tensor(landmark_bone_matrix(run.landmark_names, classes)) if classes else None
-    expected = n_landmarks + (len(classes) + 1 if classes else 0)
+    expected = output_channels(n_landmarks, classes)
     predicted, peaks, rows, visibility, segmentation = [], [], [], [], []
     for batch in tqdm(loader, desc=f"{run.name} {truth.split.label}", unit="batch", disable=not progress, dynamic_ncols=True):
         images = batch["image"].to(device, non_blocking=True)

@@ -215,20 +215,25 @@ def bootstrap_rmse(squared_errors: np.ndarray, draws: Resampling) -> RmseInterva
     return RmseIntervals(mean, landmarks, draws.unit, draws.n_subjects, draws.n_images)
 
 
+def resampled_mean(values: np.ndarray, draws: Resampling) -> tuple[float, np.ndarray]:
+    """The mean of ``values`` (N, L), pooled over every image and landmark, and its (B,) resampled means
+    (the split's resamples: the same clusters as Table 1's intervals). NaN for an empty array."""
+    values = np.asarray(values, dtype=np.float64)
+    n_clusters = draws.weights.shape[1]
+    sums = np.zeros(n_clusters)
+    counts = np.zeros(n_clusters)
+    np.add.at(sums, draws.cluster_of_image, values.sum(1))
+    np.add.at(counts, draws.cluster_of_image, float(values.shape[1]))
+    if counts.sum() == 0:
+        return float("nan"), np.full(draws.n_resamples, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(sums.sum() / counts.sum()), (draws.weights @ sums) / (draws.weights @ counts)
+
+
 def bootstrap_proportion(hits: np.ndarray, draws: Resampling) -> Interval:
     """The share of true entries of ``hits`` (N, L) bool, pooled over every image and landmark, with its
-    95 % interval over the split's resamples (the same clusters as Table 1's intervals)."""
-    hits = np.asarray(hits, dtype=np.float64)
-    n_clusters = draws.weights.shape[1]
-    counts = np.zeros(n_clusters)
-    totals = np.zeros(n_clusters)
-    np.add.at(counts, draws.cluster_of_image, hits.sum(1))
-    np.add.at(totals, draws.cluster_of_image, float(hits.shape[1]))
-    if totals.sum() == 0:
-        return Interval(float("nan"), float("nan"), float("nan"))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        resampled = (draws.weights @ counts) / (draws.weights @ totals)
-    return percentile_interval(float(counts.sum() / totals.sum()), resampled)
+    95 % interval over the split's resamples (:func:`resampled_mean`)."""
+    return percentile_interval(*resampled_mean(hits, draws))
 
 
 def bootstrap_p_value(differences: np.ndarray) -> float:

@@ -29,7 +29,7 @@ import numpy as np
 
 from pelmark.evaluate.predict import flip_choice, predict_split, read_truth
 from pelmark.evaluate.stat_tables import split_resampling
-from pelmark.evaluate.stats import bootstrap_p_value, percentile_interval
+from pelmark.evaluate.stats import bootstrap_p_value, percentile_interval, resampled_mean
 from pelmark.evaluate.visibility import presence, validation_rule
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
@@ -40,13 +40,8 @@ NOISE_PX = (2.0, 4.0, 6.0)
 
 def paired_accuracy(first: np.ndarray, second: np.ndarray, truth: np.ndarray, draws) -> tuple[float, float, float, float]:
     """(difference of accuracy second - first, its interval low, high, p) over the resampled subjects."""
-    n_clusters = draws.weights.shape[1]
-    gain = np.zeros(n_clusters)
-    pairs = np.zeros(n_clusters)
-    np.add.at(gain, draws.cluster_of_image, ((second == truth).astype(float) - (first == truth)).sum(1))
-    np.add.at(pairs, draws.cluster_of_image, float(truth.shape[1]))
-    resampled = (draws.weights @ gain) / (draws.weights @ pairs)
-    interval = percentile_interval(float(gain.sum() / pairs.sum()), resampled)
+    gain, resampled = resampled_mean((second == truth).astype(float) - (first == truth), draws)
+    interval = percentile_interval(gain, resampled)
     return interval.value, interval.lo, interval.hi, bootstrap_p_value(resampled)
 
 

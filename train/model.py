@@ -89,12 +89,18 @@ class ModelSpec:
     @property
     def output_channels(self) -> int:
         """Landmark heatmaps, then (for a segmentation-informed model) background and each bone class."""
-        return self.classes + (len(self.segmentation_classes) + 1 if self.segmentation_classes else 0)
+        return output_channels(self.classes, self.segmentation_classes)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelSpec":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def output_channels(n_landmarks: int, segmentation_classes: tuple[str, ...] | list[str] = ()) -> int:
+    """A model's output channels: the landmark heatmaps, then for a segmentation-informed model
+    (``segmentation_classes`` not empty) the background's and each bone class's logits."""
+    return n_landmarks + (len(segmentation_classes) + 1 if segmentation_classes else 0)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

@@ -58,13 +58,15 @@ def run_store_camera(run_dir: Path, info: dict[str, Any], store: Path | None = N
 
 def run_grid(run, store: Path | None = None) -> ModelGrid:
     """The :class:`ModelGrid` of a loaded :class:`~pelmark.train.checkpoint.TrainedRun`."""
+    from pelmark.evaluate.predict import run_classes
+
     depth = int(run.info.get("model_spec", {}).get("encoder_depth", run.config.encoder_depth))
     return ModelGrid(
         landmark_names=tuple(run.landmark_names),
         store_camera=run_store_camera(run.run_dir, run.info, store),
         size=int(run.config.size),
         multiple=2**depth,
-        segmentation_classes=tuple(run.info.get("model_spec", {}).get("segmentation_classes") or ()),
+        segmentation_classes=run_classes(run),
     )
 
 

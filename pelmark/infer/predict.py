@@ -138,7 +138,7 @@ def predict_image(
     """
     from pelmark.evaluate.predict import FOUND_PROBABILITY
     from pelmark.landmark_sets import landmark_bone_matrix
-    from pelmark.train.model import flip_test, hard_argmax
+    from pelmark.train.model import flip_test, hard_argmax, output_channels
     from pelmark.train.seg_informed import discrete_visibility, split_outputs
 
     xray = read_xray(path)
@@ -146,8 +146,7 @@ def predict_image(
     image = prepared.image[None]
     outputs = model.outputs(image).float() if flip is None else flip_test(lambda x: model.outputs(x).float(), image, flip)
     names, classes = model.grid.landmark_names, model.grid.segmentation_classes
-    channels = len(names) + (len(classes) + 1 if classes else 0)
-    if outputs.shape[0] != 1 or outputs.shape[1] != channels or tuple(outputs.shape[2:]) != tuple(prepared.image.shape[1:]):
+    if outputs.shape[0] != 1 or outputs.shape[1] != output_channels(len(names), classes) or tuple(outputs.shape[2:]) != tuple(prepared.image.shape[1:]):
         raise PelmarkError(f"model gave outputs of shape {tuple(outputs.shape)} for an input of {tuple(prepared.image.shape)}", path)
     logits, seg_logits = split_outputs(outputs, len(names))
     model_px = hard_argmax(logits)[0].to(torch.float64)
