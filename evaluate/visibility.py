@@ -108,22 +108,20 @@ def choose_threshold(peak_probability: np.ndarray, visible: np.ndarray) -> float
     return float(candidates[int(np.argmax(correct))])
 
 
-def validation_rule(run, store: Path, batch_size: int, workers: int, flip: tuple[int, ...] | None = None) -> PresenceRule:
-    """The presence rule of a run: a threshold on its score (the peak's sigmoid, or v̂ for a model with a
-    visibility output), chosen on its validation images (predicted as eval predicts the run: ``flip`` is its
-    flip-test order, or None for one pass)."""
-    from pelmark.evaluate.predict import predict_split, read_truth, run_classes
+def validation_truth(run, store: Path):
+    """The ground truth of ``run``'s validation images (the train-split images it held out, by its
+    ``val_fraction`` and ``seed``), or None when the store has none of them."""
+    from pelmark.evaluate.predict import read_truth
     from pelmark.store import Split, StoreReader
     from pelmark.train.loop import split_validation
 
-    score = Score.VISIBILITY if run_classes(run) else Score.PEAK
     rows = StoreReader(store).rows(Split.TRAIN)
     if len(rows) < 2 or run.config.val_fraction <= 0:
-        return PresenceRule(own=False, threshold=FALLBACK_THRESHOLD, source="no validation images: fixed", score=score)
+        return None
     _, val_rows = split_validation(rows, run.config.val_fraction, run.config.seed)
     truth = read_truth(store, Split.TRAIN, run.config.size)
     keep = np.isin(truth.rows, val_rows)
-    subset = dataclasses.replace(
+    return dataclasses.replace(
         truth,
         rows=truth.rows[keep],
         subject_ids=truth.subject_ids[keep],
@@ -132,6 +130,18 @@ def validation_rule(run, store: Path, batch_size: int, workers: int, flip: tuple
         poses=truth.poses[keep],
         landmarks_3d=truth.landmarks_3d[keep],
     )
+
+
+def validation_rule(run, store: Path, batch_size: int, workers: int, flip: tuple[int, ...] | None = None) -> PresenceRule:
+    """The presence rule of a run: a threshold on its score (the peak's sigmoid, or v̂ for a model with a
+    visibility output), chosen on its validation images (predicted as eval predicts the run: ``flip`` is its
+    flip-test order, or None for one pass)."""
+    from pelmark.evaluate.predict import predict_split, run_classes
+
+    score = Score.VISIBILITY if run_classes(run) else Score.PEAK
+    subset = validation_truth(run, store)
+    if subset is None:
+        return PresenceRule(own=False, threshold=FALLBACK_THRESHOLD, source="no validation images: fixed", score=score)
     pred = predict_split(run, store, subset, batch_size, workers, progress=False, flip=flip)
     threshold = choose_threshold(score_of(pred, score), subset.visible)
     return PresenceRule(own=False, threshold=threshold, source=f"chosen on {subset.n_images} validation images", score=score)

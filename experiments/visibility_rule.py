@@ -18,6 +18,16 @@ every split it prints:
 * what an ideal point predictor that may place a landmark outside the image
   would score with Gaussian position noise of 2, 4 and 6 px (one fixed draw,
   seed 0): the accuracy that a model's localisation near the border allows.
+
+Two alternatives that ``pelmark eval`` does not ship, for the record:
+
+* the smooth visibility that training uses, ``p (1 + q) / 2``
+  (:func:`pelmark.train.seg_informed.soft_visibility`), thresholded at the
+  level chosen on the same validation images;
+* the same model on inputs zero-padded by 16 px on each side, a landmark
+  present when v̂ = 1 and its argmax lies inside the image: can a model
+  trained without a margin place an absent landmark in one? With the
+  Table-1 mean of its argmax (model px).
 """
 
 from __future__ import annotations
@@ -26,16 +36,50 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-from pelmark.evaluate.predict import flip_choice, predict_split, read_truth
+from pelmark.evaluate.predict import Predictions, flip_choice, predict_split, read_truth, run_classes
 from pelmark.evaluate.stat_tables import split_resampling
-from pelmark.evaluate.stats import bootstrap_p_value, percentile_interval, resampled_mean
-from pelmark.evaluate.visibility import presence, validation_rule
+from pelmark.evaluate.stats import bootstrap_p_value, mean_over_landmarks, percentile_interval, resampled_mean
+from pelmark.evaluate.tables import rmse_per_landmark
+from pelmark.evaluate.units import Unit
+from pelmark.evaluate.visibility import choose_threshold, presence, validation_rule, validation_truth
+from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
+from pelmark.train.data import DataSettings, StoreDataset
+from pelmark.train.model import flip_test, hard_argmax
+from pelmark.train.seg_informed import discrete_visibility, soft_visibility, split_outputs
 
 BORDER_BANDS_PX = (-np.inf, -10.0, -3.0, 0.0, 3.0, 10.0, np.inf)
 NOISE_PX = (2.0, 4.0, 6.0)
+PAD_PX = 16
+
+
+@torch.no_grad()
+def unshipped_scores(run, store: Path, truth, order, pad_px: int | None) -> tuple[np.ndarray, Predictions | None]:
+    """(N, L) the smooth visibility p (1 + q) / 2 of ``truth``'s images, and the predictions (argmax in
+    model px, v̂) of the same model on those images zero-padded by ``pad_px`` (None: not run), flip test as eval."""
+    n = truth.true_px.shape[1]
+    bones = torch.tensor(landmark_bone_matrix(run.landmark_names, run_classes(run)))
+    dataset = StoreDataset(store, DataSettings(size=run.config.size, splits=(truth.split,), targets=False), indices=truth.rows)
+    smooth, padded_px, padded_v = [], [], []
+    for batch in DataLoader(dataset, batch_size=16):
+        passes = [(0, batch["image"])]
+        if pad_px is not None:
+            passes.append((pad_px, torch.nn.functional.pad(batch["image"], (pad_px,) * 4, value=0.0)))
+        for pad, images in passes:
+            outputs = flip_test(lambda x: run.model(x).float(), images, order)
+            heatmaps, segmentation = split_outputs(outputs, n)
+            if pad == 0:
+                smooth.append(soft_visibility(heatmaps, segmentation, bones).numpy())
+            else:
+                padded_px.append(hard_argmax(heatmaps).numpy().astype(np.float64) - pad)
+                padded_v.append(discrete_visibility(heatmaps, segmentation, bones).numpy())
+    if pad_px is None:
+        return np.concatenate(smooth), None
+    return np.concatenate(smooth), Predictions(f"{run.name} padded", truth, np.concatenate(padded_px), visibility=np.concatenate(padded_v))
 
 
 def paired_accuracy(first: np.ndarray, second: np.ndarray, truth: np.ndarray, draws) -> tuple[float, float, float, float]:
@@ -63,7 +107,9 @@ def main() -> None:
         run = load_run(run_dir)
         order, _ = flip_choice(run, None)
         rule = validation_rule(run, args.store, 16, 0, order)
-        print(f"{run.name}: presence rule {rule.describe()}")
+        val = validation_truth(run, args.store)
+        smooth_threshold = choose_threshold(unshipped_scores(run, args.store, val, order, None)[0], val.visible)
+        print(f"{run.name}: presence rule {rule.describe()}; smooth visibility >= {smooth_threshold:.4g} on the same images")
         for split in splits:
             truth = read_truth(args.store, split, run.config.size)
             pred = predict_split(run, args.store, truth, progress=False, flip=order)
@@ -96,6 +142,15 @@ def main() -> None:
                 noisy = truth.true_px + rng.normal(0.0, noise, truth.true_px.shape)
                 ideal.append(f"{noise:g} px {100 * ((border_distance_px(noisy, truth.size) >= 0) == visible).mean():.1f} %")
             print(f"    an ideal point predictor, inside or outside the image, with noise of {', '.join(ideal)}")
+            smooth, padded = unshipped_scores(run, args.store, truth, order, PAD_PX)
+            inside = border_distance_px(padded.predicted_px, truth.size) >= 0
+            padded_present = inside & (padded.visibility == 1)
+            print(
+                f"    not shipped: smooth visibility {100 * ((smooth >= smooth_threshold) == visible).mean():.2f} %;"
+                f" inputs padded by {PAD_PX} px {100 * (padded_present == visible).mean():.2f} %"
+                f" ({int((~inside).sum())} argmaxes outside the image, {int((~inside & ~visible).sum())} of them truly absent),"
+                f" Table-1 mean {mean_over_landmarks(rmse_per_landmark(padded, Unit.MODEL_PX)):.2f} px against {mean_over_landmarks(rmse_per_landmark(pred, Unit.MODEL_PX)):.2f}"
+            )
 
 
 if __name__ == "__main__":
