@@ -31,8 +31,8 @@ from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.store import Split, StoreReader
 from pelmark.train.checkpoint import TrainedRun
 from pelmark.train.data import DataSettings, StoreDataset
-from pelmark.train.model import choose_flip_order, flip_test, hard_argmax, output_channels
-from pelmark.train.seg_informed import discrete_visibility, split_outputs
+from pelmark.train.model import choose_flip_order, flip_test, output_channels
+from pelmark.train.seg_informed import canvas_margin, discrete_visibility, image_argmax, split_outputs
 
 
 # A landmark is found when the sigmoid of its heatmap's peak reaches 0.5: the
@@ -139,7 +139,8 @@ class Predictions:
 
     def found(self) -> np.ndarray:
         """(N, L) the landmarks the model itself detects: peak probability >= :data:`FOUND_PROBABILITY`
-        and the argmax inside the image (always, for a heatmap argmax). All of them for a
+        and the argmax inside the image (always, for a heatmap argmax on the image; a
+        model with a canvas margin can peak outside it). All of them for a
         predictor without heatmaps (it has no way to say a landmark is absent).
         """
         inside = self.truth.model_camera.contains(torch.from_numpy(np.asarray(self.predicted_px, dtype=np.float64))).numpy()
@@ -219,8 +220,9 @@ def predict_split(
         outputs = run.model(images).float() if flip is None else flip_test(lambda x: run.model(x).float(), images, flip)
         if outputs.shape[1] != expected:
             raise PelmarkError(f"model predicts {outputs.shape[1] - expected + n_landmarks} landmarks, the store has {n_landmarks}", run.run_dir)
-        logits, seg_logits = split_outputs(outputs, n_landmarks)
-        predicted.append(hard_argmax(logits).cpu().numpy().astype(np.float64))
+        margin = canvas_margin(outputs, images.shape)
+        logits, seg_logits = split_outputs(outputs, n_landmarks, margin)
+        predicted.append(image_argmax(logits, margin).cpu().numpy().astype(np.float64))
         peaks.append(torch.sigmoid(logits.flatten(2).amax(-1)).cpu().numpy().astype(np.float64))
         rows.append(np.asarray(batch["index"]))
         if bones is not None:

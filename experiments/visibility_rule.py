@@ -49,8 +49,8 @@ from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
 from pelmark.train.data import DataSettings, StoreDataset
-from pelmark.train.model import flip_test, hard_argmax
-from pelmark.train.seg_informed import discrete_visibility, soft_visibility, split_outputs
+from pelmark.train.model import flip_test
+from pelmark.train.seg_informed import canvas_margin, discrete_visibility, image_argmax, soft_visibility, split_outputs
 
 BORDER_BANDS_PX = (-np.inf, -10.0, -3.0, 0.0, 3.0, 10.0, np.inf)
 NOISE_PX = (2.0, 4.0, 6.0)
@@ -71,11 +71,12 @@ def unshipped_scores(run, store: Path, truth, order, pad_px: int | None) -> tupl
             passes.append((pad_px, torch.nn.functional.pad(batch["image"], (pad_px,) * 4, value=0.0)))
         for pad, images in passes:
             outputs = flip_test(lambda x: run.model(x).float(), images, order)
-            heatmaps, segmentation = split_outputs(outputs, n)
+            margin = canvas_margin(outputs, images.shape)
+            heatmaps, segmentation = split_outputs(outputs, n, margin)
             if pad == 0:
                 smooth.append(soft_visibility(heatmaps, segmentation, bones).numpy())
             else:
-                padded_px.append(hard_argmax(heatmaps).numpy().astype(np.float64) - pad)
+                padded_px.append(image_argmax(heatmaps, margin).numpy().astype(np.float64) - pad)
                 padded_v.append(discrete_visibility(heatmaps, segmentation, bones).numpy())
     if pad_px is None:
         return np.concatenate(smooth), None

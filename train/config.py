@@ -114,6 +114,10 @@ class TrainConfig:
         visibility_warmup_steps: the visibility loss's weight rises linearly from 0 to
             ``visibility_weight`` over this many first steps, so that the heatmaps form before it
             pushes the peaks of often-absent landmarks down (0 = full weight from the start, seed 003's).
+        canvas_margin_px: seg-informed only: the model predicts on its input padded by this many model
+            px on every side, so that a landmark just outside the image can peak outside it and be
+            reported absent (:mod:`pelmark.train.seg_informed`); 0 = the paper's, heatmaps of the image.
+            ``size + 2 · canvas_margin_px`` must be a multiple of ``2 ** encoder_depth``.
         soft_argmax, soft_argmax_radius: the points PEL registers: ``global`` (paper eqs. 1-2)
             or ``local`` (a window of this radius, in model px, around the hard argmax).
         pose_loss: paper (eq. 10), geodesic, mtre or reprojection (see :mod:`pelmark.registration.losses`).
@@ -167,6 +171,7 @@ class TrainConfig:
     kl_weight: float = 0.1
     visibility_weight: float = 10.0
     visibility_warmup_steps: int = 0
+    canvas_margin_px: int = 0
     soft_argmax: SoftArgmax = SoftArgmax.GLOBAL
     soft_argmax_radius: int = 3
     pose_loss: PoseLoss = PoseLoss.PAPER
@@ -207,6 +212,15 @@ class TrainConfig:
             problems.append("seg_weight, kl_weight and visibility_weight must not be negative")
         if self.visibility_warmup_steps < 0:
             problems.append("visibility_warmup_steps must not be negative")
+        if self.canvas_margin_px:
+            canvas, stride = self.size + 2 * self.canvas_margin_px, 2**self.encoder_depth
+            if self.strategy is not Strategy.SEG_INFORMED:
+                problems.append(f"canvas_margin_px works with the seg-informed strategy only, not {self.strategy.value}")
+            elif self.canvas_margin_px < 0 or canvas % stride:
+                problems.append(
+                    f"canvas_margin_px {self.canvas_margin_px} gives a canvas of {canvas} px, which must be a positive multiple of "
+                    f"{stride} (2 ** encoder_depth)"
+                )
         if self.soft_argmax_radius < 1:
             problems.append("soft_argmax_radius must be at least 1")
         if self.warmup_steps < 0:

@@ -64,8 +64,8 @@ from pelmark.train.data import CropParams, DataSettings, StoreDataset, heatmap_t
 from pelmark.train.device_transforms import Transforms, model_inputs, resolve_transforms
 from pelmark.train.losses import pel_term, segmentation_loss, spatial_softmax_loss
 from pelmark.train.metrics import landmark_rmse, mean_rmse
-from pelmark.train.model import ModelSpec, build_model, choose_flip_order, flip_test, hard_argmax, load_weights
-from pelmark.train.seg_informed import seg_informed_loss
+from pelmark.train.model import ModelSpec, build_model, choose_flip_order, flip_test, load_weights
+from pelmark.train.seg_informed import canvas_margin, image_argmax, seg_informed_loss
 
 STEP_FIELDS = (
     "step", "epoch", "loss", "seg_loss", "softmax_loss", "pel_loss", "pel_used", "pel_rot_deg", "pel_trans_mm",
@@ -264,6 +264,7 @@ class Trainer:
             encoder_weights=config.encoder_weights,
             decoder_channels=config.decoder_channels,
             segmentation_classes=self.classes,
+            canvas_margin=config.canvas_margin_px,
         )
         # Which label values are each landmark's bones (seg-informed's visibility loss).
         self.landmark_bones = torch.tensor(landmark_bone_matrix(self.landmark_names, self.classes)) if self.classes else None
@@ -525,7 +526,8 @@ class Trainer:
             images = self._images(batch, self.val_set.settings)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.dist.device.type == "cuda"):
                 logits = self._forward(self.model, images)
-            predicted.append(hard_argmax(logits.float()[:, : len(self.landmark_names)]).cpu().numpy())
+            margin = canvas_margin(logits, images.shape)
+            predicted.append(image_argmax(logits.float()[:, : len(self.landmark_names)], margin).cpu().numpy())
             true.append(batch["landmarks_px"].numpy())
             visible.append(batch["visible"].numpy())
         return mean_rmse(landmark_rmse(np.concatenate(predicted), np.concatenate(true), np.concatenate(visible)))

@@ -46,6 +46,9 @@ class ModelSpec:
         segmentation_classes: the bone classes of a segmentation-informed model (seed 003; see
             :mod:`pelmark.train.seg_informed`): a second decoder outputs their C + 1 logits
             (background first) after the landmark heatmaps. () for the plain heatmap U-Net.
+        canvas_margin: a segmentation-informed model's canvas margin in model px: it pads its input by
+            this much on every side and predicts on the padded canvas (see
+            :mod:`pelmark.train.seg_informed`); 0 = outputs of the input's size.
         decoder_channels: widths of the decoder's blocks from the deepest up, at least one per
             encoder stage; a shallower encoder uses the first ``encoder_depth`` of them, as with
             smp's defaults (None = 256, 128, 64, 32, 16). The decoder's full-resolution
@@ -60,6 +63,7 @@ class ModelSpec:
     encoder_weights: str | None = None
     decoder_channels: tuple[int, ...] | None = None
     segmentation_classes: tuple[str, ...] = ()
+    canvas_margin: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "segmentation_classes", tuple(str(c) for c in self.segmentation_classes))
@@ -74,6 +78,9 @@ class ModelSpec:
             raise PelmarkError(f"a model needs at least one landmark, got {self.classes}")
         if not 3 <= self.encoder_depth <= 5:
             raise PelmarkError(f"encoder_depth must be 3, 4 or 5, got {self.encoder_depth}")
+        object.__setattr__(self, "canvas_margin", int(self.canvas_margin))
+        if self.canvas_margin < 0 or (self.canvas_margin and not self.segmentation_classes):
+            raise PelmarkError(f"a canvas margin ({self.canvas_margin}) needs a segmentation-informed model and must not be negative")
 
     @property
     def decoder_widths(self) -> tuple[int, ...]:
@@ -110,7 +117,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.segmentation_classes:
         from pelmark.train.seg_informed import SegInformedNet
 
-        model = SegInformedNet(model, _unet(spec, len(spec.segmentation_classes) + 1))
+        model = SegInformedNet(model, _unet(spec, len(spec.segmentation_classes) + 1), spec.canvas_margin)
     if spec.encoder_weights:
         load_encoder_weights(model, Path(spec.encoder_weights))
     freeze_unused(model, spec)

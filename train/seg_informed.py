@@ -29,6 +29,20 @@ Visibility
     reports is the discrete one: a landmark with v̂ = 0 is reported absent, and
     ``pelmark eval`` chooses on each run's validation images whether v̂ = 0.5 (a
     peak off its bone) counts as present (:mod:`pelmark.evaluate.visibility`).
+Canvas margin (``canvas_margin_px``, off by default)
+    A heatmap's argmax cannot leave the image, so a plain model cannot tell a
+    landmark 2 px outside the image from one 2 px inside; at the demo's poses
+    70-82 % of seg-informed's visibility errors lie within 10 px of the border.
+    With a margin of m model px the network pads its input by m pixels of
+    :data:`PAD_VALUE` on every side (inside ``forward``, so an ONNX export
+    carries it) and predicts on that canvas: the heatmaps' targets follow every
+    landmark that projects onto the canvas, and the segmentation is trained and
+    read on the image only. A landmark whose heatmap peaks in the margin is
+    reported absent (v̂ = 0), and the smooth v̂ becomes
+    ``p · (s + q) / 2`` with ``s`` the softmax(H) mass inside the image
+    (``s`` = 1 without a margin). Consumers read the margin off the output's
+    size (:func:`canvas_margin`) and subtract it from the argmax
+    (:func:`image_argmax`).
 """
 
 from __future__ import annotations
@@ -47,6 +61,9 @@ VISIBILITY_WEIGHT = 10.0
 ABSENT_WEIGHT = 2.0
 # A landmark is present when the sigmoid of its heatmap's peak reaches this (as evaluate.predict's "found").
 PRESENT_PROBABILITY = 0.5
+# What the canvas margin around the image holds: below the [0, 1] of every normalised image, so that the network
+# sees where the image ends (zero would read as air, and a bone cut by the border as a bone that ends there).
+PAD_VALUE = -1.0
 
 
 class SegInformedNet(nn.Module):
@@ -58,8 +75,9 @@ class SegInformedNet(nn.Module):
             head are kept.
     """
 
-    def __init__(self, landmark_net: nn.Module, segmentation_net: nn.Module):
+    def __init__(self, landmark_net: nn.Module, segmentation_net: nn.Module, margin: int = 0):
         super().__init__()
+        self.margin = int(margin)
         self.encoder = landmark_net.encoder
         self.decoder = landmark_net.decoder
         self.segmentation_head = landmark_net.segmentation_head
@@ -68,6 +86,8 @@ class SegInformedNet(nn.Module):
         self._check_input_shape = landmark_net.check_input_shape
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.margin:
+            x = F.pad(x, (self.margin,) * 4, value=PAD_VALUE)
         self._check_input_shape(x)
         features = self.encoder(x)
         heatmaps = self.segmentation_head(self.decoder(features))
@@ -75,11 +95,46 @@ class SegInformedNet(nn.Module):
         return torch.cat([heatmaps, segmentation], dim=1)
 
 
-def split_outputs(outputs: Tensor, n_landmarks: int) -> tuple[Tensor, Tensor | None]:
-    """(heatmap logits (B, L, H, W), segmentation logits (B, C + 1, H, W) or None for a plain heatmap model)."""
+def split_outputs(outputs: Tensor, n_landmarks: int, margin: int = 0) -> tuple[Tensor, Tensor | None]:
+    """(heatmap logits (B, L, H + 2m, W + 2m) on the canvas, segmentation logits (B, C + 1, H, W) on the image
+    or None for a plain heatmap model), ``margin`` m from :func:`canvas_margin`."""
     if outputs.shape[1] == n_landmarks:
         return outputs, None
-    return outputs[:, :n_landmarks], outputs[:, n_landmarks:]
+    return outputs[:, :n_landmarks], crop_margin(outputs[:, n_landmarks:], margin)
+
+
+def canvas_margin(outputs: Tensor, image_size: tuple[int, int] | torch.Size) -> int:
+    """The margin m of outputs (..., H + 2m, W + 2m) over an image of ``image_size`` (H, W); 0 for outputs of its size.
+
+    Raises:
+        ValueError: the outputs are smaller than the image, or do not extend it by the same whole margin on every side.
+    """
+    height, width = (int(v) for v in tuple(image_size)[-2:])
+    extra_h, extra_w = outputs.shape[-2] - height, outputs.shape[-1] - width
+    if extra_h != extra_w or extra_h < 0 or extra_h % 2:
+        raise ValueError(f"outputs of size {tuple(outputs.shape[-2:])} are not a canvas around an image of {(height, width)}")
+    return extra_h // 2
+
+
+def crop_margin(maps: Tensor, margin: int) -> Tensor:
+    """The image region of canvas maps (..., H + 2m, W + 2m)."""
+    if margin == 0:
+        return maps
+    return maps[..., margin:-margin, margin:-margin]
+
+
+def image_argmax(heatmap_logits: Tensor, margin: int = 0) -> Tensor:
+    """(B, L, 2) each canvas heatmap's argmax (x, y) in image pixels: it lies outside the image when it peaks in the margin."""
+    from pelmark.train.model import hard_argmax
+
+    points = hard_argmax(heatmap_logits)
+    return points - margin if margin else points
+
+
+def inside_image(points_px: Tensor, height: int, width: int) -> Tensor:
+    """True where a point (x, y) lies on an image of ``height`` × ``width`` pixels, edges included (as Camera.contains)."""
+    x, y = points_px[..., 0], points_px[..., 1]
+    return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
 
 
 # ---------------------------------------------------------------- targets
@@ -134,25 +189,33 @@ def kl_heatmap_loss(heatmap_logits: Tensor, targets: Tensor, visible: Tensor) ->
     return (torch.xlogy(q, q) - q * log_p[use]).sum(-1).mean()
 
 
+def _image_softmax(heatmap_logits: Tensor, seg_logits: Tensor) -> Tensor:
+    """(B, L, P) each landmark's softmax over the canvas, at the P pixels of the image only."""
+    margin = canvas_margin(heatmap_logits, seg_logits.shape)
+    batch, landmarks = heatmap_logits.shape[:2]
+    where = torch.softmax(heatmap_logits.float().reshape(batch, landmarks, -1), dim=-1)
+    return crop_margin(where.reshape(heatmap_logits.shape), margin).reshape(batch, landmarks, -1)
+
+
 def bone_probability(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
     """(B, L): the softmax(heatmap)-weighted probability that the segmentation gives each landmark's bones.
 
     Args:
-        heatmap_logits: (B, L, H, W).
-        seg_logits: (B, K, H, W), K = C + 1 classes (0 = background).
+        heatmap_logits: (B, L, H + 2m, W + 2m), on the canvas (m = 0: the image).
+        seg_logits: (B, K, H, W), K = C + 1 classes (0 = background), on the image: the margin has no bone.
         bones: (L, K) bool, ``bones[l, k]``: class value k is a bone of landmark l.
     """
-    batch, landmarks, height, width = heatmap_logits.shape
-    where = torch.softmax(heatmap_logits.float().reshape(batch, landmarks, -1), dim=-1)
-    classes = torch.softmax(seg_logits.float(), dim=1).reshape(batch, seg_logits.shape[1], -1)
+    where = _image_softmax(heatmap_logits, seg_logits)
+    classes = torch.softmax(seg_logits.float(), dim=1).reshape(seg_logits.shape[0], seg_logits.shape[1], -1)
     on_bone = torch.einsum("lk,bkp->blp", bones.to(classes.device, classes.dtype), classes)  # (B, L, P)
     return (where * on_bone).sum(-1)
 
 
 def soft_visibility(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
-    """(B, L) smooth predicted visibility ``p (1 + q) / 2`` (see the module docstring)."""
+    """(B, L) smooth predicted visibility ``p (s + q) / 2`` (see the module docstring; s = 1 without a margin)."""
     present = torch.sigmoid(heatmap_logits.float().flatten(2).amax(-1))
-    return present * (1.0 + bone_probability(heatmap_logits, seg_logits, bones)) / 2.0
+    inside = 1.0 if canvas_margin(heatmap_logits, seg_logits.shape) == 0 else _image_softmax(heatmap_logits, seg_logits).sum(-1)
+    return present * (inside + bone_probability(heatmap_logits, seg_logits, bones)) / 2.0
 
 
 def visibility_loss(predicted: Tensor, visible: Tensor, absent_weight: float = ABSENT_WEIGHT) -> Tensor:
@@ -164,11 +227,16 @@ def visibility_loss(predicted: Tensor, visible: Tensor, absent_weight: float = A
 
 @torch.no_grad()
 def discrete_visibility(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
-    """(B, L) the paper's v̂ ∈ {0, 0.5, 1}: 0 not present, 0.5 at a pixel not of its bones, 1 on one of them."""
-    batch, landmarks, height, width = heatmap_logits.shape
-    flat = heatmap_logits.float().reshape(batch, landmarks, -1)
-    peak, where = flat.max(dim=-1)
-    present = torch.sigmoid(peak) >= PRESENT_PROBABILITY
+    """(B, L) the paper's v̂ ∈ {0, 0.5, 1}: 0 not present (or peaking in the canvas margin, outside the image),
+    0.5 at a pixel not of its bones, 1 on one of them. Heatmaps on the canvas, segmentation on the image."""
+    batch, landmarks = heatmap_logits.shape[:2]
+    height, width = seg_logits.shape[-2:]
+    margin = canvas_margin(heatmap_logits, seg_logits.shape)
+    peak = heatmap_logits.float().reshape(batch, landmarks, -1).amax(dim=-1)
+    points = image_argmax(heatmap_logits, margin).long()  # (B, L, 2) image px
+    inside = (points[..., 0] >= 0) & (points[..., 0] < width) & (points[..., 1] >= 0) & (points[..., 1] < height)
+    present = (torch.sigmoid(peak) >= PRESENT_PROBABILITY) & inside
+    where = points[..., 1].clamp(0, height - 1) * width + points[..., 0].clamp(0, width - 1)
     classes = seg_logits.argmax(dim=1).reshape(batch, -1)  # (B, P)
     class_at = classes.gather(1, where)  # (B, L)
     on_bone = bones.to(heatmap_logits.device)[torch.arange(landmarks, device=heatmap_logits.device)[None], class_at]
@@ -195,18 +263,30 @@ def seg_informed_loss(
     """``w_seg (Dice + CE) + w_KL KL + w_vis L_vis`` on the model's outputs (see the module docstring).
 
     Args:
-        outputs: (B, L + K, H, W) the network's output.
+        outputs: (B, L + K, H + 2m, W + 2m) the network's output, on a canvas of margin m ≥ 0.
         labels: (B, H, W) true class values at model resolution.
-        landmarks_px: (B, L, 2) true landmarks at model resolution; visible: (B, L) bool.
+        landmarks_px: (B, L, 2) true landmarks at model resolution, in image pixels (those outside the image too);
+            visible: (B, L) bool, in the image.
         bones: (L, K) bool landmark-to-bone map.
         sigma_px: the Gaussian target's sigma.
         weights: (w_seg, w_KL, w_vis).
+
+    On a canvas the KL divergence covers every landmark that projects onto it (``visible`` or not), at its
+    position shifted by m; the segmentation's losses see the image only, and the visibility loss's truth is
+    ``visible``, presence in the image.
     """
     n_landmarks = bones.shape[0]
-    heatmaps, seg_logits = split_outputs(outputs.float(), n_landmarks)
-    height, width = heatmaps.shape[-2:]
+    height, width = labels.shape[-2:]
+    margin = canvas_margin(outputs, labels.shape)
+    heatmaps, seg_logits = split_outputs(outputs.float(), n_landmarks, margin)
     dice, ce = dice_ce_loss(seg_logits, labels)
-    kl = kl_heatmap_loss(heatmaps, gaussian_targets(landmarks_px.to(heatmaps.device), visible, height, width, sigma_px), visible)
+    points = landmarks_px.to(heatmaps.device).float()
+    on_canvas = visible.to(heatmaps.device, torch.bool)
+    if margin:
+        points = points + margin
+        on_canvas = torch.isfinite(points).all(-1) & inside_image(points, height + 2 * margin, width + 2 * margin)
+    targets = gaussian_targets(points, on_canvas, height + 2 * margin, width + 2 * margin, sigma_px)
+    kl = kl_heatmap_loss(heatmaps, targets, on_canvas)
     vis = visibility_loss(soft_visibility(heatmaps, seg_logits, bones), visible)
     w_seg, w_kl, w_vis = weights
     loss = w_seg * (dice + ce) + w_kl * kl + w_vis * vis

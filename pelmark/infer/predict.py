@@ -138,18 +138,22 @@ def predict_image(
     """
     from pelmark.evaluate.predict import FOUND_PROBABILITY
     from pelmark.landmark_sets import landmark_bone_matrix
-    from pelmark.train.model import flip_test, hard_argmax, output_channels
-    from pelmark.train.seg_informed import discrete_visibility, split_outputs
+    from pelmark.train.model import flip_test, output_channels
+    from pelmark.train.seg_informed import canvas_margin, discrete_visibility, image_argmax, split_outputs
 
     xray = read_xray(path)
     prepared = prepare(xray, model.grid, settings)
     image = prepared.image[None]
     outputs = model.outputs(image).float() if flip is None else flip_test(lambda x: model.outputs(x).float(), image, flip)
     names, classes = model.grid.landmark_names, model.grid.segmentation_classes
-    if outputs.shape[0] != 1 or outputs.shape[1] != output_channels(len(names), classes) or tuple(outputs.shape[2:]) != tuple(prepared.image.shape[1:]):
+    try:
+        margin = canvas_margin(outputs, prepared.image.shape)
+    except ValueError:
+        margin = -1
+    if outputs.shape[0] != 1 or outputs.shape[1] != output_channels(len(names), classes) or margin < 0 or (margin and not classes):
         raise PelmarkError(f"model gave outputs of shape {tuple(outputs.shape)} for an input of {tuple(prepared.image.shape)}", path)
-    logits, seg_logits = split_outputs(outputs, len(names))
-    model_px = hard_argmax(logits)[0].to(torch.float64)
+    logits, seg_logits = split_outputs(outputs, len(names), margin)
+    model_px = image_argmax(logits, margin)[0].to(torch.float64)
     peak = torch.sigmoid(logits.flatten(2).amax(-1))[0].to(torch.float64).numpy()
     oriented_px = prepared.model_camera.pixels_to(prepared.oriented_camera, model_px)
     inside = prepared.oriented_camera.contains(oriented_px).numpy()

@@ -304,9 +304,11 @@ def test_model_grid_reads_files_written_before_segmentation_classes(store):
 
 
 @pytest.mark.slow
-def test_a_seg_informed_run_predicts_evals_visibility_also_through_onnx(tmp_path):
+@pytest.mark.parametrize("margin", [0, 4])
+def test_a_seg_informed_run_predicts_evals_visibility_also_through_onnx(tmp_path, margin):
     """predict's v̂ and present calls on a DICOM of a store image are eval's v̂ and votes for that image,
-    from the run and from its ONNX export (whose metadata carries the bone classes)."""
+    from the run and from its ONNX export (whose metadata carries the bone classes); with a canvas
+    margin (the export pads its input itself) too."""
     from cohort_fixtures import write_bead_store
     from pelmark.train.checkpoint import load_run
     from pelmark.train.config import Strategy, TrainConfig
@@ -319,7 +321,7 @@ def test_a_seg_informed_run_predicts_evals_visibility_also_through_onnx(tmp_path
     group["images"][:] = np.round(images / images.max() * LEVELS).astype(np.float16)  # exact in DICOM
     config = TrainConfig(
         strategy=Strategy.SEG_INFORMED, size=SIZE, encoder="resnet18", encoder_depth=3, batch_size=2, max_steps=2,
-        workers=0, device="cpu", checkpoint_every=0,
+        workers=0, device="cpu", checkpoint_every=0, canvas_margin_px=margin,
     )  # fmt: skip
     run = tmp_path / "seg"
     train(config, store, run, progress=False)

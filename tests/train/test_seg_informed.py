@@ -18,9 +18,14 @@ from pelmark.train.data import DataSettings, StoreDataset
 from pelmark.train.loop import train
 from pelmark.train.model import ModelSpec, build_model
 from pelmark.train.seg_informed import (
+    PAD_VALUE,
+    canvas_margin,
     dice_ce_loss,
     discrete_visibility,
+    gaussian_targets,
+    image_argmax,
     kl_heatmap_loss,
+    seg_informed_loss,
     soft_visibility,
     split_outputs,
     visibility_loss,
@@ -112,6 +117,100 @@ def test_the_network_has_one_encoder_two_decoders_and_splits_its_output():
     assert ModelSpec.from_dict(spec.to_dict()) == spec
 
 
+def test_the_canvas_margin_is_read_off_the_output_size():
+    assert canvas_margin(torch.zeros(1, 2, 40, 40), (32, 32)) == 4
+    assert canvas_margin(torch.zeros(1, 2, 32, 32), torch.Size([1, 1, 32, 32])) == 0
+    for size in [(40, 42), (33, 33), (30, 30)]:  # uneven sides, an odd extra, smaller than the image
+        with pytest.raises(ValueError, match="not a canvas"):
+            canvas_margin(torch.zeros(1, 2, *size), (32, 32))
+
+
+def test_a_canvas_model_pads_its_input_and_predicts_on_the_canvas():
+    spec = ModelSpec(classes=3, encoder="resnet18", encoder_depth=3, segmentation_classes=("a", "b"), canvas_margin=4)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    model = build_model(spec).eval()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    image = torch.rand(2, 1, 32, 32)
+    out = model(image)
+    assert out.shape == (2, 3 + 3, 40, 40)
+    padded = seen[0]
+    assert padded.shape == (2, 1, 40, 40)
+    torch.testing.assert_close(padded[..., 4:-4, 4:-4], image, atol=0, rtol=0)
+    ring = torch.ones(40, 40, dtype=torch.bool)
+    ring[4:-4, 4:-4] = False
+    assert bool((padded[..., ring] == PAD_VALUE).all())
+    heat, seg = split_outputs(out, 3, canvas_margin(out, image.shape))
+    assert heat.shape == (2, 3, 40, 40) and seg.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(seg, out[:, 3:, 4:-4, 4:-4], atol=0, rtol=0)
+    with pytest.raises(PelmarkError, match="canvas margin"):
+        ModelSpec(classes=3, canvas_margin=4)  # a heatmap-only model has no canvas
+
+
+def test_visibility_on_a_canvas_by_hand():
+    # The 1 x 3 image of _two_landmarks on a canvas of margin 1 (3 x 5): image pixel (row 0, col c) is canvas (1, c + 1).
+    bones, seg = _two_landmarks()
+    heat = torch.full((1, 2, 3, 5), -30.0)
+    heat[0, 0, 1, 2] = 30.0  # landmark 0 at image column 1, on its bone: 1
+    heat[0, 1, 1, 0] = 30.0  # landmark 1 peaks in the margin, left of the image: absent, however high its peak
+    assert image_argmax(heat, 1).tolist() == [[[1.0, 0.0], [-1.0, 0.0]]]
+    assert discrete_visibility(heat, seg, bones).tolist() == [[1.0, 0.0]]
+    torch.testing.assert_close(soft_visibility(heat, seg, bones), torch.tensor([[1.0, 0.0]]), atol=1e-6, rtol=0)
+    # Half its softmax mass in the margin, half on its bone (image column 2): s = 1/2, q = 1/2, p = 1 -> (1/2 + 1/2) / 2.
+    heat[0, 1, 1, 3] = 30.0
+    torch.testing.assert_close(soft_visibility(heat, seg, bones)[0, 1], torch.tensor(0.5), atol=1e-6, rtol=0)
+    # Its argmax is the first of the two maxima (the margin pixel): still absent.
+    assert discrete_visibility(heat, seg, bones)[0, 1] == 0.0
+    # Peaking in the margin below the image (canvas row 2) is outside too.
+    heat[0, 1] = -30.0
+    heat[0, 1, 2, 3] = 30.0
+    assert discrete_visibility(heat, seg, bones)[0, 1] == 0.0
+
+
+def test_the_loss_on_a_canvas_targets_landmarks_outside_the_image_and_segments_the_image_only():
+    bones = torch.tensor([[False, True], [False, True], [False, True]])
+    margin, size, sigma = 4, 8, 1.5
+    canvas = size + 2 * margin
+    # Landmark 0 inside the image, 1 three pixels left of it (on the canvas), 2 beyond the canvas.
+    points = torch.tensor([[[3.0, 5.0], [-3.0, 2.0], [-20.0, 2.0]]])
+    visible = torch.tensor([[True, False, False]])
+    targets = gaussian_targets(points + margin, torch.ones(1, 3, dtype=torch.bool), canvas, canvas, sigma)
+    heat = torch.log(targets + 1e-30)
+    heat[0, 2] = 0.0
+    labels = torch.zeros(1, size, size, dtype=torch.long)
+    labels[0, 2:6, 2:6] = 1
+    seg = torch.full((1, 2, canvas, canvas), 50.0)  # garbage in the margin, where no label is
+    seg[0, :, margin:-margin, margin:-margin] = torch.stack([labels[0] == 0, labels[0] == 1]).float() * 40.0 - 20.0
+    outputs = torch.cat([heat, seg], dim=1)
+    terms = seg_informed_loss(outputs, labels, points, visible, bones, sigma)
+    # Landmarks 0 and 1 have their targets: KL 0; landmark 2 (off the canvas) weighs nothing.
+    assert abs(terms.log["kl_loss"]) < 1e-4
+    # Shift landmark 1's heatmap by a pixel: its KL is the only one left.
+    moved = outputs.clone()
+    moved[0, 1] = torch.roll(heat[0, 1], 1, dims=-1)
+    expected = kl_heatmap_loss(moved[:, 1:2], targets[:, 1:2], torch.ones(1, 1, dtype=torch.bool)) / 2
+    torch.testing.assert_close(torch.tensor(seg_informed_loss(moved, labels, points, visible, bones, sigma).log["kl_loss"]), expected)
+    # The segmentation's losses see the image only: those of the cropped logits.
+    dice, ce = dice_ce_loss(seg[..., margin:-margin, margin:-margin], labels)
+    assert terms.log["dice_loss"] == pytest.approx(float(dice)) and terms.log["ce_loss"] == pytest.approx(float(ce))
+    assert terms.log["dice_loss"] < 1e-3
+    # The visibility loss's truth is presence in the image. Every peak logit is 0 (p = 1/2): landmark 0's softmax
+    # lies on the edge of its bone (q about 1/2); landmark 1's lies in the margin but for its Gaussian's tail, so its
+    # v̂ is small; landmark 2's flat heatmap puts (8 / 16)² of its mass on the image.
+    vis = soft_visibility(heat, seg[..., margin:-margin, margin:-margin], bones)
+    assert float(vis[0, 1]) < 0.05 < 0.3 < float(vis[0, 0]) <= 0.5
+    assert float(vis[0, 2]) == pytest.approx(0.5 * (0.25 + 16 / 256) / 2, rel=1e-4)
+    assert terms.log["vis_loss"] == pytest.approx(float(visibility_loss(vis, visible)), rel=1e-5)
+
+
+def test_a_canvas_margin_is_for_seg_informed_and_must_fit_the_encoders_stride():
+    with pytest.raises(PelmarkError, match="seg-informed strategy only"):
+        resolve_config(Strategy.BASELINE, {}, {**TINY, "canvas_margin_px": 4})
+    with pytest.raises(PelmarkError, match="multiple of 8"):
+        resolve_config(Strategy.SEG_INFORMED, {}, {**TINY, "canvas_margin_px": 3})
+    assert resolve_config(Strategy.SEG_INFORMED, {}, {**TINY, "canvas_margin_px": 4}).canvas_margin_px == 4
+
+
 @pytest.fixture(scope="module")
 def labelled_store(tmp_path_factory) -> Path:
     return write_bead_store(tmp_path_factory.mktemp("cohort"), bones=True)
@@ -147,6 +246,27 @@ def test_seg_informed_trains_and_loads(labelled_store, tmp_path):
     header = rows[0].split(",")
     values = dict(zip(header, rows[1].split(",")))
     assert all(math.isfinite(float(values[k])) for k in ("dice_loss", "ce_loss", "kl_loss", "vis_loss"))
+
+
+def test_a_canvas_run_trains_validates_and_evaluates_in_image_pixels(labelled_store, tmp_path):
+    from pelmark.evaluate.predict import predict_split, read_truth
+    from pelmark.store import Split
+
+    config = resolve_config(Strategy.SEG_INFORMED, {}, {**TINY, "epochs": 1, "canvas_margin_px": 4})
+    assert train(config, labelled_store, tmp_path / "run", progress=False).status is RunStatus.COMPLETE
+    run = load_run(tmp_path / "run", "best")
+    assert run.info["model_spec"]["canvas_margin"] == 4
+    truth = read_truth(labelled_store, Split.NOVEL_SUBJECT, 32)
+    evaluated = predict_split(run, labelled_store, truth, workers=0, progress=False)
+    images = torch.stack([StoreDataset(labelled_store, DataSettings(size=32, splits=(Split.NOVEL_SUBJECT,), targets=False), indices=truth.rows)[i]["image"] for i in range(len(truth.rows))])
+    with torch.no_grad():
+        outputs = run.model(images).float()
+    assert outputs.shape[-2:] == (40, 40)
+    heat, seg = split_outputs(outputs, 5, 4)
+    np.testing.assert_array_equal(evaluated.predicted_px, image_argmax(heat, 4).numpy())
+    bones = torch.tensor(landmark_bone_matrix(run.landmark_names, BONE_CLASSES))
+    np.testing.assert_array_equal(evaluated.visibility, discrete_visibility(heat, seg, bones).numpy())
+    assert evaluated.segmentation.shape[-2:] == (32, 32)
 
 
 def test_seg_informed_refuses_a_store_without_labels(tmp_path):
