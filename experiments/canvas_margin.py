@@ -35,7 +35,7 @@ from pelmark.evaluate.stats import paired_difference
 from pelmark.evaluate.visibility import presence, validation_rule
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
-from visibility_rule import BORDER_BANDS_PX, border_distance_px, paired_accuracy
+from visibility_rule import errors_by_border, paired_accuracy
 
 RESAMPLES = 2000
 
@@ -81,14 +81,8 @@ def main() -> None:
                 f"  Table-1 mean: plain {rmse.baseline_mean:.2f}, margin {rmse.other_mean:.2f} px; difference {rmse.difference.value:+.2f}"
                 f" [{rmse.difference.lo:+.2f}, {rmse.difference.hi:+.2f}] ({rmse.relative_pct:+.1f} %), p {rmse.p_value:.3g}"
             )
-            distance = border_distance_px(truth.true_px, truth.size)
             for name, present in (("plain", plain_present), ("margin", margin_present)):
-                wrong = present != visible
-                bands = []
-                for low, high in zip(BORDER_BANDS_PX[:-1], BORDER_BANDS_PX[1:]):
-                    band = (distance >= low) & (distance < high)
-                    bands.append(f"[{low:g}, {high:g}): {int(wrong[band].sum())}/{int(band.sum())}")
-                print(f"  {name} errors by distance to the border (px): {'  '.join(bands)}")
+                print(f"  {name} errors by distance to the border (px): {errors_by_border(present != visible, truth)}")
             totals[split.label].append(
                 ((plain_present == visible).mean(), (margin_present == visible).mean(), rmse.baseline_mean, rmse.other_mean)
             )

@@ -96,6 +96,16 @@ def border_distance_px(points_px: np.ndarray, size: int) -> np.ndarray:
     return np.minimum.reduce([x + 0.5, size - 0.5 - x, y + 0.5, size - 0.5 - y])
 
 
+def errors_by_border(wrong: np.ndarray, truth) -> str:
+    """``wrong`` (N, L) counted in the bands of the true landmarks' distance to the border: "[low, high): errors/pairs"."""
+    distance = border_distance_px(truth.true_px, truth.size)
+    bands = []
+    for low, high in zip(BORDER_BANDS_PX[:-1], BORDER_BANDS_PX[1:]):
+        band = (distance >= low) & (distance < high)
+        bands.append(f"[{low:g}, {high:g}): {int(wrong[band].sum())}/{int(band.sum())}")
+    return "  ".join(bands)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path)
@@ -131,13 +141,7 @@ def main() -> None:
                 f"    accuracy: paper's v̂ > 0 {100 * (paper == visible).mean():.2f} %, chosen rule {100 * (chosen == visible).mean():.2f} %,"
                 f" difference {100 * diff:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}], p {p:.3g}"
             )
-            distance = border_distance_px(truth.true_px, truth.size)
-            wrong = chosen != visible
-            bands = []
-            for low, high in zip(BORDER_BANDS_PX[:-1], BORDER_BANDS_PX[1:]):
-                band = (distance >= low) & (distance < high)
-                bands.append(f"[{low:g}, {high:g}): {int(wrong[band].sum())}/{int(band.sum())}")
-            print(f"    chosen rule's errors by distance to the border (px): {'  '.join(bands)}")
+            print(f"    chosen rule's errors by distance to the border (px): {errors_by_border(chosen != visible, truth)}")
             ideal = []
             for noise in NOISE_PX:
                 noisy = truth.true_px + rng.normal(0.0, noise, truth.true_px.shape)
