@@ -293,7 +293,7 @@ def test_the_demo_preset_ramps_seed_003s_visibility_weight_in_and_leaves_the_oth
 
     demo = TRAIN_PRESETS["demo"]
     seg = resolve_config(Strategy.SEG_INFORMED, demo)
-    assert (seg.kl_weight, seg.visibility_weight, seg.visibility_warmup_steps, seg.canvas_margin_px) == (1.0, 10.0, 288, 16)
+    assert (seg.kl_weight, seg.visibility_weight, seg.visibility_warmup_steps, seg.canvas_margin_px) == (1.0, 10.0, 288, 0)
     # The ramp covers the first half of the run: 16 epochs of the demo store's 36 batches.
     assert seg.epochs == 16 and seg.visibility_warmup_steps == seg.epochs * 36 // 2
     for strategy in (Strategy.BASELINE, Strategy.FINETUNE):
