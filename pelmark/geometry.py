@@ -175,8 +175,14 @@ class Camera:
 
     def contains(self, points_px: Tensor) -> Tensor:
         """True where a point lies on the detector, pixel edges included."""
-        x, y = points_px[..., 0], points_px[..., 1]
-        return (x >= -0.5) & (x <= self.width - 0.5) & (y >= -0.5) & (y <= self.height - 0.5)
+        return on_pixel_grid(points_px, self.height, self.width)
+
+
+def on_pixel_grid(points_px: Tensor, height: int, width: int) -> Tensor:
+    """True where a point (x = column, y = row) lies on a ``height`` x ``width`` grid of pixels centred on
+    whole coordinates, pixel edges included (x in [-0.5, width - 0.5], y likewise)."""
+    x, y = points_px[..., 0], points_px[..., 1]
+    return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
 
 
 # ---------------------------------------------------------------- rotations

@@ -53,6 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pelmark.geometry import on_pixel_grid
+from pelmark.train.model import hard_argmax
+
 # The paper's loss weights (seed 003, section 2.4).
 SEG_WEIGHT = 1.0
 KL_WEIGHT = 0.1
@@ -125,16 +128,8 @@ def crop_margin(maps: Tensor, margin: int) -> Tensor:
 
 def image_argmax(heatmap_logits: Tensor, margin: int = 0) -> Tensor:
     """(B, L, 2) each canvas heatmap's argmax (x, y) in image pixels: it lies outside the image when it peaks in the margin."""
-    from pelmark.train.model import hard_argmax
-
     points = hard_argmax(heatmap_logits)
     return points - margin if margin else points
-
-
-def inside_image(points_px: Tensor, height: int, width: int) -> Tensor:
-    """True where a point (x, y) lies on an image of ``height`` × ``width`` pixels, edges included (as Camera.contains)."""
-    x, y = points_px[..., 0], points_px[..., 1]
-    return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
 
 
 # ---------------------------------------------------------------- targets
@@ -189,12 +184,18 @@ def kl_heatmap_loss(heatmap_logits: Tensor, targets: Tensor, visible: Tensor) ->
     return (torch.xlogy(q, q) - q * log_p[use]).sum(-1).mean()
 
 
-def _image_softmax(heatmap_logits: Tensor, seg_logits: Tensor) -> Tensor:
+def _image_softmax(heatmap_logits: Tensor, margin: int) -> Tensor:
     """(B, L, P) each landmark's softmax over the canvas, at the P pixels of the image only."""
-    margin = canvas_margin(heatmap_logits, seg_logits.shape)
     batch, landmarks = heatmap_logits.shape[:2]
     where = torch.softmax(heatmap_logits.float().reshape(batch, landmarks, -1), dim=-1)
     return crop_margin(where.reshape(heatmap_logits.shape), margin).reshape(batch, landmarks, -1)
+
+
+def _bone_mass(where: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
+    """(B, L) the mass of ``where`` (B, L, P, on the image's P pixels) that the segmentation gives each landmark's bones."""
+    classes = torch.softmax(seg_logits.float(), dim=1).reshape(seg_logits.shape[0], seg_logits.shape[1], -1)
+    on_bone = torch.einsum("lk,bkp->blp", bones.to(classes.device, classes.dtype), classes)  # (B, L, P)
+    return (where * on_bone).sum(-1)
 
 
 def bone_probability(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
@@ -205,17 +206,17 @@ def bone_probability(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) 
         seg_logits: (B, K, H, W), K = C + 1 classes (0 = background), on the image: the margin has no bone.
         bones: (L, K) bool, ``bones[l, k]``: class value k is a bone of landmark l.
     """
-    where = _image_softmax(heatmap_logits, seg_logits)
-    classes = torch.softmax(seg_logits.float(), dim=1).reshape(seg_logits.shape[0], seg_logits.shape[1], -1)
-    on_bone = torch.einsum("lk,bkp->blp", bones.to(classes.device, classes.dtype), classes)  # (B, L, P)
-    return (where * on_bone).sum(-1)
+    where = _image_softmax(heatmap_logits, canvas_margin(heatmap_logits, seg_logits.shape))
+    return _bone_mass(where, seg_logits, bones)
 
 
 def soft_visibility(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
     """(B, L) smooth predicted visibility ``p (s + q) / 2`` (see the module docstring; s = 1 without a margin)."""
     present = torch.sigmoid(heatmap_logits.float().flatten(2).amax(-1))
-    inside = 1.0 if canvas_margin(heatmap_logits, seg_logits.shape) == 0 else _image_softmax(heatmap_logits, seg_logits).sum(-1)
-    return present * (inside + bone_probability(heatmap_logits, seg_logits, bones)) / 2.0
+    margin = canvas_margin(heatmap_logits, seg_logits.shape)
+    where = _image_softmax(heatmap_logits, margin)
+    inside = where.sum(-1) if margin else 1.0
+    return present * (inside + _bone_mass(where, seg_logits, bones)) / 2.0
 
 
 def visibility_loss(predicted: Tensor, visible: Tensor, absent_weight: float = ABSENT_WEIGHT) -> Tensor:
@@ -234,8 +235,7 @@ def discrete_visibility(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tenso
     margin = canvas_margin(heatmap_logits, seg_logits.shape)
     peak = heatmap_logits.float().reshape(batch, landmarks, -1).amax(dim=-1)
     points = image_argmax(heatmap_logits, margin).long()  # (B, L, 2) image px
-    inside = (points[..., 0] >= 0) & (points[..., 0] < width) & (points[..., 1] >= 0) & (points[..., 1] < height)
-    present = (torch.sigmoid(peak) >= PRESENT_PROBABILITY) & inside
+    present = (torch.sigmoid(peak) >= PRESENT_PROBABILITY) & on_pixel_grid(points, height, width)
     where = points[..., 1].clamp(0, height - 1) * width + points[..., 0].clamp(0, width - 1)
     classes = seg_logits.argmax(dim=1).reshape(batch, -1)  # (B, P)
     class_at = classes.gather(1, where)  # (B, L)
@@ -284,7 +284,7 @@ def seg_informed_loss(
     on_canvas = visible.to(heatmaps.device, torch.bool)
     if margin:
         points = points + margin
-        on_canvas = torch.isfinite(points).all(-1) & inside_image(points, height + 2 * margin, width + 2 * margin)
+        on_canvas = torch.isfinite(points).all(-1) & on_pixel_grid(points, height + 2 * margin, width + 2 * margin)
     targets = gaussian_targets(points, on_canvas, height + 2 * margin, width + 2 * margin, sigma_px)
     kl = kl_heatmap_loss(heatmaps, targets, on_canvas)
     vis = visibility_loss(soft_visibility(heatmaps, seg_logits, bones), visible)
