@@ -16,7 +16,12 @@ each run's validation images). For every pair and split it prints:
   as ``pelmark eval`` computes it for its comparison table;
 * each run's errors by the true landmark's signed distance to the image
   border (model px, negative outside), in the bands of
-  ``experiments/visibility_rule.py``.
+  ``experiments/visibility_rule.py``;
+* each run's errors by cause: a landmark in the image called absent because
+  its heatmap peaks outside the image (in the margin), because its peak is
+  below the presence probability, or because it peaks off its own bones
+  (v̂ = 0.5 under a rule that asks for v̂ = 1); and a landmark outside the
+  image called present.
 
 Then, over the pairs, the mean accuracy of each run and how many pairs the
 margin won.
@@ -28,6 +33,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pelmark.evaluate.predict import flip_choice, predict_split, read_truth
 from pelmark.evaluate.stat_tables import split_resampling, squared_errors_px
@@ -48,6 +54,22 @@ def predictions(run_dir: Path, store: Path, split: Split):
     truth = read_truth(store, split, run.config.size)
     pred = predict_split(run, store, truth, progress=False, flip=order)
     return run, pred, presence(pred, rule), rule.describe()
+
+
+def errors_by_cause(pred, present: np.ndarray) -> str:
+    """The wrong calls of ``present`` by their cause, read off the model's v̂ and argmax."""
+    visible = pred.truth.visible
+    missed = visible & ~present
+    inside = pred.truth.model_camera.contains(torch.from_numpy(np.asarray(pred.predicted_px, dtype=np.float64))).numpy()
+    v = pred.visibility
+    causes = {
+        "missed, peak outside the image": missed & (v == 0) & ~inside,
+        "missed, peak too low": missed & (v == 0) & inside,
+        "missed, peak off its bones": missed & (v == 0.5),
+        "missed, other": missed & (v == 1),
+        "outside, called present": ~visible & present,
+    }
+    return "  ".join(f"{name}: {int(mask.sum())}" for name, mask in causes.items())
 
 
 def main() -> None:
@@ -83,6 +105,8 @@ def main() -> None:
             )
             for name, present in (("plain", plain_present), ("margin", margin_present)):
                 print(f"  {name} errors by distance to the border (px): {errors_by_border(present != visible, truth)}")
+            for name, pred, present in (("plain", plain, plain_present), ("margin", margin, margin_present)):
+                print(f"  {name} errors by cause: {errors_by_cause(pred, present)}")
             totals[split.label].append(
                 ((plain_present == visible).mean(), (margin_present == visible).mean(), rmse.baseline_mean, rmse.other_mean)
             )
