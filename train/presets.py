@@ -47,7 +47,9 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         # 576 steps) 10.83 +- 1.93 px over the same seeds, and visibility 93.2 % raw, 94.4 % registered.
         # Not here (round 7): a 16-px canvas margin (experiments/seg/demo-16ep-kl1-viswarmup-margin16.toml) lifts
         # novel-subject visibility by about 1.9 points (to 95 %) but makes the Table-1 mean 23-31 % worse; the preset
-        # keeps the better localisation (README, Results, round 7).
+        # keeps the better localisation (README, Results, round 7). Nor at 24 epochs (round 8,
+        # experiments/seg/demo-24ep-kl1-viswarmup-margin16.toml): localisation as the preset's (7.25 against 7.18 px
+        # over the seeds) but novel-subject visibility 95.31, 95.12 and 93.25 %, short of 95 % on one seed of three.
         "seg-informed": {"kl_weight": 1.0, "visibility_warmup_steps": 288},
     },
     "paper": {},
