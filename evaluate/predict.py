@@ -143,10 +143,15 @@ class Predictions:
         model with a canvas margin can peak outside it). All of them for a
         predictor without heatmaps (it has no way to say a landmark is absent).
         """
-        inside = self.truth.model_camera.contains(torch.from_numpy(np.asarray(self.predicted_px, dtype=np.float64))).numpy()
+        inside = self.inside()
         if self.peak_probability is None:
             return inside
         return inside & (self.peak_probability >= FOUND_PROBABILITY)
+
+    def inside(self) -> np.ndarray:
+        """(N, L) the predicted points that lie in the image, pixel edges included (a model with a canvas
+        margin can put its argmax outside)."""
+        return self.truth.model_camera.contains(torch.from_numpy(np.asarray(self.predicted_px, dtype=np.float64))).numpy()
 
     def votes(self) -> np.ndarray:
         """(N, L) the landmarks that vote in the robust registration (``--refine``'s pose): the found ones

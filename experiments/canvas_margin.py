@@ -33,7 +33,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pelmark.evaluate.predict import flip_choice, predict_split, read_truth
 from pelmark.evaluate.stat_tables import split_resampling, squared_errors_px
@@ -60,7 +59,7 @@ def errors_by_cause(pred, present: np.ndarray) -> str:
     """The wrong calls of ``present`` by their cause, read off the model's v̂ and argmax."""
     visible = pred.truth.visible
     missed = visible & ~present
-    inside = pred.truth.model_camera.contains(torch.from_numpy(np.asarray(pred.predicted_px, dtype=np.float64))).numpy()
+    inside = pred.inside()
     v = pred.visibility
     causes = {
         "missed, peak outside the image": missed & (v == 0) & ~inside,
