@@ -21,7 +21,9 @@ The rule (fixed before any run of this script):
   pixel, clamped into the image, is of its bones; 0.5: any).
 * ``(t, d)`` is chosen on the run's validation images (eval's, flip test as
   eval): the best accuracy; on a tie the smallest ``|d|``, then the smaller d,
-  then the lower t. d ranges over -16..16 px for a run with a canvas margin
+  then the lower t (at each d, t is eval's own choice of level on those
+  images, :func:`pelmark.evaluate.visibility.choose_threshold`, so that
+  d = 0 is eval's rule exactly). d ranges over -16..16 px for a run with a canvas margin
   (its argmax may lie up to the margin outside) and -16..0 for a plain run
   (whose argmax cannot leave the image, but may sit on its edge rows).
 * The chosen rule is compared with eval's current one (the same search at
@@ -48,7 +50,7 @@ import numpy as np
 
 from pelmark.evaluate.predict import Predictions, flip_choice, predict_split, read_truth, run_classes
 from pelmark.evaluate.stat_tables import split_resampling
-from pelmark.evaluate.visibility import presence, validation_rule, validation_truth
+from pelmark.evaluate.visibility import choose_threshold, presence, validation_rule, validation_truth
 from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
@@ -57,7 +59,6 @@ from visibility_rule import border_distance_px, paired_accuracy
 
 RESAMPLES = 2000
 REACH_PX = 16
-LEVELS = (0.5, 1.0)
 
 
 def on_bone(pred: Predictions, bones: np.ndarray) -> np.ndarray:
@@ -69,22 +70,28 @@ def on_bone(pred: Predictions, bones: np.ndarray) -> np.ndarray:
     return bones[np.arange(landmarks)[None, :], classes]
 
 
+def relaxed_visibility(pred: Predictions, bones: np.ndarray, border_px: int) -> np.ndarray:
+    """(N, L) v̂ with the image grown by ``border_px`` (shrunk when negative): 0 not found, 0.5 off its bones, 1 on them."""
+    found = (pred.peak_probability >= PRESENT_PROBABILITY) & (border_distance_px(pred.predicted_px, pred.truth.size) >= 0.5 - border_px)
+    return np.where(found, np.where(on_bone(pred, bones), 1.0, 0.5), 0.0)
+
+
 def calls(pred: Predictions, bones: np.ndarray, level: float, border_px: int) -> np.ndarray:
     """(N, L) "present" under the rule (level t, border d) of the module docstring."""
-    found = (pred.peak_probability >= PRESENT_PROBABILITY) & (border_distance_px(pred.predicted_px, pred.truth.size) >= 0.5 - border_px)
-    level_of = np.where(on_bone(pred, bones), 1.0, 0.5)
-    return found & (level_of >= level)
+    return relaxed_visibility(pred, bones, border_px) >= level
 
 
 def choose(pred: Predictions, bones: np.ndarray, borders: range) -> tuple[float, int, float]:
-    """(t, d, validation accuracy) by the module docstring's rule."""
+    """(t, d, validation accuracy) by the module docstring's rule; t at each d is eval's own choice
+    (:func:`pelmark.evaluate.visibility.choose_threshold`), so d = 0 reproduces eval's rule."""
     best = None
     for border in borders:
-        for level in LEVELS:
-            accuracy = float((calls(pred, bones, level, border) == pred.truth.visible).mean())
-            key = (-accuracy, abs(border), border, level)
-            if best is None or key < best[0]:
-                best = (key, level, border, accuracy)
+        v = relaxed_visibility(pred, bones, border)
+        level = choose_threshold(v, pred.truth.visible)
+        accuracy = float(((v >= level) == pred.truth.visible).mean())
+        key = (-accuracy, abs(border), border)
+        if best is None or key < best[0]:
+            best = (key, level, border, accuracy)
     return best[1], best[2], best[3]
 
 
@@ -121,7 +128,7 @@ def main() -> None:
         val_pred = predict_split(run, args.store, val, progress=False, flip=order)
         level0, _, accuracy0 = choose(val_pred, bones, range(0, 1))
         if level0 != rule.threshold:
-            raise SystemExit(f"{run_dir}: the d = 0 search chose v̂ >= {level0}, eval chose {rule.describe()}")
+            raise SystemExit(f"{run_dir}: the d = 0 search chose v̂ >= {level0:g}, eval chose {rule.describe()}")
         level, border, accuracy = choose(val_pred, bones, borders)
         print(
             f"{run_dir} ({margin} px margin): eval's rule {rule.describe()}, validation accuracy {100 * accuracy0:.2f} %;"
