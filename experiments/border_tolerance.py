@@ -161,7 +161,7 @@ def main() -> None:
             gain = 100 * (values[:, 1] - values[:, 0])
             print(
                 f"{label}, {len(picked)} {kind} runs: eval's {100 * values[:, 0].mean():.2f} %, chosen {100 * values[:, 1].mean():.2f} %,"
-                f" mean difference {gain.mean():+.2f} points; intervals wholly below 0: {int((values[:, 3] < 0).sum())};"
+                f" mean difference {gain.mean():+.2f} points; intervals wholly below 0: {int((values[:, 2] < 0).sum())};"
                 f" runs at or above 95 %: eval's {int((values[:, 0] >= 0.95).sum())}, chosen {int((values[:, 1] >= 0.95).sum())}"
             )
 
