@@ -26,13 +26,13 @@ from torch.utils.data import DataLoader
 from pelmark.devices import resolve_device
 from pelmark.errors import PelmarkError
 from pelmark.evaluate.units import Unit, point_errors
-from pelmark.geometry import Camera
+from pelmark.geometry import Camera, grid_edge_distance
 from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.store import Split, StoreReader
 from pelmark.train.checkpoint import TrainedRun
 from pelmark.train.data import DataSettings, StoreDataset
 from pelmark.train.model import choose_flip_order, flip_test, output_channels
-from pelmark.train.seg_informed import canvas_margin, discrete_visibility, image_argmax, split_outputs
+from pelmark.train.seg_informed import argmax_on_bone, canvas_margin, discrete_visibility, image_argmax, split_outputs
 
 
 # A landmark is found when the sigmoid of its heatmap's peak reaches 0.5: the
@@ -125,6 +125,8 @@ class Predictions:
         present: (N, L) the model's own call that each landmark is in the image (a
             segmentation-informed model's v̂ > 0); None for a model without a visibility output.
         visibility: (N, L) that model's v̂ in {0, 0.5, 1}; None otherwise.
+        on_bone: (N, L) for that model, whether the predicted class at each argmax (the nearest image pixel
+            for one in a canvas margin) is one of the landmark's bones; None otherwise.
         segmentation: (N, S, S) uint8 predicted bone classes (0 = background) at model size; None
             for a model without a segmentation output.
     """
@@ -135,6 +137,7 @@ class Predictions:
     peak_probability: np.ndarray | None = None
     present: np.ndarray | None = None
     visibility: np.ndarray | None = None
+    on_bone: np.ndarray | None = None
     segmentation: np.ndarray | None = None
 
     def found(self) -> np.ndarray:
@@ -152,6 +155,13 @@ class Predictions:
         """(N, L) the predicted points that lie in the image, pixel edges included (a model with a canvas
         margin can put its argmax outside)."""
         return self.truth.model_camera.contains(torch.from_numpy(np.asarray(self.predicted_px, dtype=np.float64))).numpy()
+
+    def edge_distance(self) -> np.ndarray:
+        """(N, L) signed distance (model px) of each predicted point to the image's nearest edge, negative outside
+        (:func:`pelmark.geometry.grid_edge_distance`)."""
+        camera = self.truth.model_camera
+        points = torch.from_numpy(np.asarray(self.predicted_px, dtype=np.float64))
+        return grid_edge_distance(points, camera.height, camera.width).numpy()
 
     def votes(self) -> np.ndarray:
         """(N, L) the landmarks that vote in the robust registration (``--refine``'s pose): the found ones
@@ -219,7 +229,7 @@ def predict_split(
     classes = run_classes(run)
     bones = torch.tensor(landmark_bone_matrix(run.landmark_names, classes)) if classes else None
     expected = output_channels(n_landmarks, classes)
-    predicted, peaks, rows, visibility, segmentation = [], [], [], [], []
+    predicted, peaks, rows, visibility, on_bone, segmentation = [], [], [], [], [], []
     for batch in tqdm(loader, desc=f"{run.name} {truth.split.label}", unit="batch", disable=not progress, dynamic_ncols=True):
         images = batch["image"].to(device, non_blocking=True)
         outputs = run.model(images).float() if flip is None else flip_test(lambda x: run.model(x).float(), images, flip)
@@ -232,6 +242,7 @@ def predict_split(
         rows.append(np.asarray(batch["index"]))
         if bones is not None:
             visibility.append(discrete_visibility(logits, seg_logits, bones).cpu().numpy())
+            on_bone.append(argmax_on_bone(logits, seg_logits, bones).cpu().numpy())
             segmentation.append(seg_logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
     if not np.array_equal(np.concatenate(rows), truth.rows):
         raise RuntimeError("predictions came back in another order than the store rows")
@@ -243,5 +254,6 @@ def predict_split(
         peak_probability=np.concatenate(peaks),
         present=None if seen is None else seen > 0,
         visibility=seen,
+        on_bone=np.concatenate(on_bone) if on_bone else None,
         segmentation=np.concatenate(segmentation) if segmentation else None,
     )

@@ -39,65 +39,35 @@ interval lies wholly below 0; the same test over the three plain 16-epoch
 runs decides it for plain runs. Table 1 (argmax RMSE over truly visible
 landmarks) does not depend on the presence rule, so round 8's preset decision
 (its condition 3) stands whatever this finds.
+
+The rule passed (README, round 9) and ``pelmark eval`` now ships it
+(:func:`pelmark.evaluate.visibility.choose_border`); this script calls that
+code, so that it compares eval's rule with the same rule held at d = 0. Its
+first version, run before the change (commit fd33b05), carried its own copy of
+the search and printed the same choices and figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from pelmark.evaluate.predict import Predictions, flip_choice, predict_split, read_truth, run_classes
 from pelmark.evaluate.stat_tables import split_resampling
-from pelmark.evaluate.visibility import choose_threshold, presence, validation_rule, validation_truth
-from pelmark.landmark_sets import landmark_bone_matrix
+from pelmark.evaluate.visibility import choose_border, presence, validation_rule, validation_truth
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
-from pelmark.train.seg_informed import PRESENT_PROBABILITY
-from visibility_rule import border_distance_px, paired_accuracy
+from visibility_rule import paired_accuracy
 
 RESAMPLES = 2000
-REACH_PX = 16
-
-
-def on_bone(pred: Predictions, bones: np.ndarray) -> np.ndarray:
-    """(N, L) the predicted class at each argmax pixel, clamped into the image, is one of the landmark's bones."""
-    size = pred.truth.size
-    points = np.clip(np.rint(pred.predicted_px).astype(int), 0, size - 1)
-    n, landmarks = points.shape[:2]
-    classes = pred.segmentation[np.arange(n)[:, None], points[..., 1], points[..., 0]]
-    return bones[np.arange(landmarks)[None, :], classes]
-
-
-def relaxed_visibility(pred: Predictions, bones: np.ndarray, border_px: int) -> np.ndarray:
-    """(N, L) v̂ with the image grown by ``border_px`` (shrunk when negative): 0 not found, 0.5 off its bones, 1 on them."""
-    found = (pred.peak_probability >= PRESENT_PROBABILITY) & (border_distance_px(pred.predicted_px, pred.truth.size) >= 0.5 - border_px)
-    return np.where(found, np.where(on_bone(pred, bones), 1.0, 0.5), 0.0)
-
-
-def calls(pred: Predictions, bones: np.ndarray, level: float, border_px: int) -> np.ndarray:
-    """(N, L) "present" under the rule (level t, border d) of the module docstring."""
-    return relaxed_visibility(pred, bones, border_px) >= level
-
-
-def choose(pred: Predictions, bones: np.ndarray, borders: range) -> tuple[float, int, float]:
-    """(t, d, validation accuracy) by the module docstring's rule; t at each d is eval's own choice
-    (:func:`pelmark.evaluate.visibility.choose_threshold`), so d = 0 reproduces eval's rule."""
-    best = None
-    for border in borders:
-        v = relaxed_visibility(pred, bones, border)
-        level = choose_threshold(v, pred.truth.visible)
-        accuracy = float(((v >= level) == pred.truth.visible).mean())
-        key = (-accuracy, abs(border), border)
-        if best is None or key < best[0]:
-            best = (key, level, border, accuracy)
-    return best[1], best[2], best[3]
 
 
 def causes(pred: Predictions, present: np.ndarray) -> str:
     visible = pred.truth.visible
-    distance = border_distance_px(pred.predicted_px, pred.truth.size)
+    distance = pred.edge_distance()
     missed = visible & ~present
     parts = {
         "missed (peak outside)": missed & (distance < 0),
@@ -120,37 +90,31 @@ def main() -> None:
         if not run_classes(run):
             raise SystemExit(f"{run_dir}: not a segmentation-informed run")
         margin = int(run.config.canvas_margin_px or 0)
-        borders = range(-REACH_PX, REACH_PX + 1) if margin else range(-REACH_PX, 1)
-        bones = np.asarray(landmark_bone_matrix(run.landmark_names, run_classes(run)), dtype=bool)
         order, _ = flip_choice(run, None)
         rule = validation_rule(run, args.store, 16, 0, order)
         val = validation_truth(run, args.store)
         val_pred = predict_split(run, args.store, val, progress=False, flip=order)
-        level0, _, accuracy0 = choose(val_pred, bones, range(0, 1))
-        if level0 != rule.threshold:
-            raise SystemExit(f"{run_dir}: the d = 0 search chose v̂ >= {level0:g}, eval chose {rule.describe()}")
-        level, border, accuracy = choose(val_pred, bones, borders)
+        level0, _ = choose_border(val_pred, margin, reach_px=0)
+        edge0 = dataclasses.replace(rule, threshold=level0, border_px=0)
+        accuracy0, accuracy = ((presence(val_pred, r) == val.visible).mean() for r in (edge0, rule))
         print(
-            f"{run_dir} ({margin} px margin): eval's rule {rule.describe()}, validation accuracy {100 * accuracy0:.2f} %;"
-            f" chosen v̂ >= {level:g}, border d = {border:+d} px, validation accuracy {100 * accuracy:.2f} %"
+            f"{run_dir} ({margin} px margin): at d = 0 {edge0.describe()}, validation accuracy {100 * accuracy0:.2f} %;"
+            f" chosen v̂ >= {rule.threshold:g}, border d = {rule.border_px:+d} px, validation accuracy {100 * accuracy:.2f} %"
         )
         for split in splits:
             truth = read_truth(args.store, split, run.config.size)
             pred = predict_split(run, args.store, truth, progress=False, flip=order)
-            current = presence(pred, rule)
-            if not np.array_equal(current, calls(pred, bones, rule.threshold, 0)):
-                raise SystemExit(f"{run_dir}: the d = 0 rule does not reproduce eval's calls on {split.label}")
-            chosen = calls(pred, bones, level, border)
+            current, chosen = presence(pred, edge0), presence(pred, rule)
             visible = truth.visible
             draws = split_resampling(truth, RESAMPLES, 0)
             diff, lo, hi, p = paired_accuracy(current, chosen, visible, draws)
             cells = []
-            for name, present in (("eval's", current), ("chosen", chosen)):
+            for name, present in (("d = 0", current), ("chosen", chosen)):
                 precision = (present & visible).sum() / max(1, present.sum())
                 recall = (present & visible).sum() / max(1, visible.sum())
                 cells.append(f"{name} {100 * (present == visible).mean():.2f} % (precision {100 * precision:.1f}, recall {100 * recall:.1f})")
             print(f"  {split.label}: {'; '.join(cells)}; difference {100 * diff:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}], p {p:.3g}")
-            print(f"    errors: eval's {causes(pred, current)} | chosen {causes(pred, chosen)}")
+            print(f"    errors: d = 0 {causes(pred, current)} | chosen {causes(pred, chosen)}")
             summary[split.label].append(("margin" if margin else "plain", (current == visible).mean(), (chosen == visible).mean(), hi))
     for label, rows in summary.items():
         for kind in ("margin", "plain"):
@@ -160,9 +124,9 @@ def main() -> None:
             values = np.asarray([r[1:] for r in picked])
             gain = 100 * (values[:, 1] - values[:, 0])
             print(
-                f"{label}, {len(picked)} {kind} runs: eval's {100 * values[:, 0].mean():.2f} %, chosen {100 * values[:, 1].mean():.2f} %,"
+                f"{label}, {len(picked)} {kind} runs: d = 0 {100 * values[:, 0].mean():.2f} %, chosen {100 * values[:, 1].mean():.2f} %,"
                 f" mean difference {gain.mean():+.2f} points; intervals wholly below 0: {int((values[:, 2] < 0).sum())};"
-                f" runs at or above 95 %: eval's {int((values[:, 0] >= 0.95).sum())}, chosen {int((values[:, 1] >= 0.95).sum())}"
+                f" runs at or above 95 %: d = 0 {int((values[:, 0] >= 0.95).sum())}, chosen {int((values[:, 1] >= 0.95).sum())}"
             )
 
 

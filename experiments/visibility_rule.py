@@ -45,6 +45,7 @@ from pelmark.evaluate.stats import bootstrap_p_value, mean_over_landmarks, perce
 from pelmark.evaluate.tables import rmse_per_landmark
 from pelmark.evaluate.units import Unit
 from pelmark.evaluate.visibility import choose_threshold, presence, validation_rule, validation_truth
+from pelmark.geometry import grid_edge_distance
 from pelmark.landmark_sets import landmark_bone_matrix
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
@@ -92,8 +93,7 @@ def paired_accuracy(first: np.ndarray, second: np.ndarray, truth: np.ndarray, dr
 
 def border_distance_px(points_px: np.ndarray, size: int) -> np.ndarray:
     """(N, L) signed distance of each point to the border of a size x size image (pixel edges at -0.5, size - 0.5)."""
-    x, y = points_px[..., 0], points_px[..., 1]
-    return np.minimum.reduce([x + 0.5, size - 0.5 - x, y + 0.5, size - 0.5 - y])
+    return grid_edge_distance(torch.from_numpy(np.asarray(points_px, dtype=np.float64)), size, size).numpy()
 
 
 def errors_by_border(wrong: np.ndarray, truth) -> str:

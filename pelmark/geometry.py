@@ -185,6 +185,13 @@ def on_pixel_grid(points_px: Tensor, height: int, width: int) -> Tensor:
     return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
 
 
+def grid_edge_distance(points_px: Tensor, height: int, width: int) -> Tensor:
+    """Signed distance (px) of each point to the nearest edge of the grid of :func:`on_pixel_grid`, taken
+    per axis (a Chebyshev distance): >= 0 on the grid, negative outside it (-d: d px beyond its nearest edge)."""
+    x, y = points_px[..., 0], points_px[..., 1]
+    return torch.minimum(torch.minimum(x + 0.5, width - 0.5 - x), torch.minimum(y + 0.5, height - 0.5 - y))
+
+
 # ---------------------------------------------------------------- rotations
 
 

@@ -284,3 +284,19 @@ def test_pa_view_poses_turn_the_patient_about_the_superior_axis():
         g.rodrigues(torch.from_numpy(b[:, :3])),
         g.rodrigues(torch.from_numpy(a[:, :3])) @ g.nominal_rotation("pa"),
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-20, 52, allow_nan=False), st.floats(-20, 44, allow_nan=False))
+def test_the_grid_edge_distance_is_signed_by_the_grid(x, y):
+    point = torch.tensor([x, y], dtype=torch.float64)
+    distance = float(g.grid_edge_distance(point, 24, 32))
+    assert (distance >= 0) == bool(g.on_pixel_grid(point, 24, 32))
+    # Moving the point by the distance's size along the nearest axis reaches the edge.
+    inside = min(x + 0.5, 31.5 - x, y + 0.5, 23.5 - y)
+    assert distance == pytest.approx(inside)
+
+
+def test_the_grid_edge_distance_by_hand():
+    points = torch.tensor([[0.0, 5.0], [-1.0, 5.0], [31.0, 5.0], [10.0, 12.0], [-3.0, -1.0]])
+    assert g.grid_edge_distance(points, 24, 32).tolist() == [0.5, -0.5, 0.5, 10.5, -2.5]

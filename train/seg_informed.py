@@ -227,20 +227,28 @@ def visibility_loss(predicted: Tensor, visible: Tensor, absent_weight: float = A
 
 
 @torch.no_grad()
+def argmax_on_bone(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
+    """(B, L) bool: the predicted class at each heatmap's argmax is one of its landmark's bones. An argmax in
+    the canvas margin reads the nearest image pixel (the segmentation covers the image only)."""
+    batch, landmarks = heatmap_logits.shape[:2]
+    height, width = seg_logits.shape[-2:]
+    points = image_argmax(heatmap_logits, canvas_margin(heatmap_logits, seg_logits.shape)).long()  # (B, L, 2) image px
+    where = points[..., 1].clamp(0, height - 1) * width + points[..., 0].clamp(0, width - 1)
+    classes = seg_logits.argmax(dim=1).reshape(batch, -1)  # (B, P)
+    class_at = classes.gather(1, where)  # (B, L)
+    return bones.to(heatmap_logits.device)[torch.arange(landmarks, device=heatmap_logits.device)[None], class_at]
+
+
+@torch.no_grad()
 def discrete_visibility(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
     """(B, L) the paper's v̂ ∈ {0, 0.5, 1}: 0 not present (or peaking in the canvas margin, outside the image),
     0.5 at a pixel not of its bones, 1 on one of them. Heatmaps on the canvas, segmentation on the image."""
     batch, landmarks = heatmap_logits.shape[:2]
     height, width = seg_logits.shape[-2:]
-    margin = canvas_margin(heatmap_logits, seg_logits.shape)
     peak = heatmap_logits.float().reshape(batch, landmarks, -1).amax(dim=-1)
-    points = image_argmax(heatmap_logits, margin).long()  # (B, L, 2) image px
+    points = image_argmax(heatmap_logits, canvas_margin(heatmap_logits, seg_logits.shape))  # (B, L, 2) image px
     present = (torch.sigmoid(peak) >= PRESENT_PROBABILITY) & on_pixel_grid(points, height, width)
-    where = points[..., 1].clamp(0, height - 1) * width + points[..., 0].clamp(0, width - 1)
-    classes = seg_logits.argmax(dim=1).reshape(batch, -1)  # (B, P)
-    class_at = classes.gather(1, where)  # (B, L)
-    on_bone = bones.to(heatmap_logits.device)[torch.arange(landmarks, device=heatmap_logits.device)[None], class_at]
-    return torch.where(present, torch.where(on_bone, 1.0, 0.5), 0.0)
+    return torch.where(present, torch.where(argmax_on_bone(heatmap_logits, seg_logits, bones), 1.0, 0.5), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +267,7 @@ def seg_informed_loss(
     bones: Tensor,
     sigma_px: float,
     weights: tuple[float, float, float] = (SEG_WEIGHT, KL_WEIGHT, VISIBILITY_WEIGHT),
+    absent_weight: float = ABSENT_WEIGHT,
 ) -> SegInformedTerms:
     """``w_seg (Dice + CE) + w_KL KL + w_vis L_vis`` on the model's outputs (see the module docstring).
 
@@ -270,6 +279,7 @@ def seg_informed_loss(
         bones: (L, K) bool landmark-to-bone map.
         sigma_px: the Gaussian target's sigma.
         weights: (w_seg, w_KL, w_vis).
+        absent_weight: the visibility loss's weight of a landmark not in the image (:func:`visibility_loss`).
 
     On a canvas the KL divergence covers every landmark that projects onto it (``visible`` or not), at its
     position shifted by m; the segmentation's losses see the image only, and the visibility loss's truth is
@@ -287,7 +297,7 @@ def seg_informed_loss(
         on_canvas = torch.isfinite(points).all(-1) & on_pixel_grid(points, height + 2 * margin, width + 2 * margin)
     targets = gaussian_targets(points, on_canvas, height + 2 * margin, width + 2 * margin, sigma_px)
     kl = kl_heatmap_loss(heatmaps, targets, on_canvas)
-    vis = visibility_loss(soft_visibility(heatmaps, seg_logits, bones), visible)
+    vis = visibility_loss(soft_visibility(heatmaps, seg_logits, bones), visible, absent_weight)
     w_seg, w_kl, w_vis = weights
     loss = w_seg * (dice + ce) + w_kl * kl + w_vis * vis
     log = {"dice_loss": float(dice.detach()), "ce_loss": float(ce.detach()), "kl_loss": float(kl.detach()), "vis_loss": float(vis.detach())}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,8 @@ from pelmark.evaluate.predict import Predictions, SplitTruth
 from pelmark.evaluate.visibility import (
     PresenceRule,
     Score,
+    bordered_visibility,
+    choose_border,
     choose_threshold,
     dice_per_class,
     presence,
@@ -30,7 +33,7 @@ from pelmark.train.loop import train
 CAMERA = Camera.centered(32, 32, spacing_mm=2.0)
 
 
-def _predictions(true_px, visible, predicted_px, peaks=None, present=None, v_hat=None) -> Predictions:
+def _predictions(true_px, visible, predicted_px, peaks=None, present=None, v_hat=None, on_bone=None) -> Predictions:
     n, l = np.asarray(visible).shape
     truth = SplitTruth(
         split=Split.NOVEL_SUBJECT,
@@ -43,7 +46,7 @@ def _predictions(true_px, visible, predicted_px, peaks=None, present=None, v_hat
         model_camera=CAMERA,
         store_camera=CAMERA,
     )
-    return Predictions("m", truth, np.asarray(predicted_px, dtype=np.float64), peaks, present=present, visibility=v_hat)
+    return Predictions("m", truth, np.asarray(predicted_px, dtype=np.float64), peaks, present=present, visibility=v_hat, on_bone=on_bone)
 
 
 def test_the_threshold_is_the_best_split_of_the_validation_peaks():
@@ -81,6 +84,48 @@ def test_presence_thresholds_the_rule_s_score():
     # A model without v̂ cannot be thresholded on it.
     with pytest.raises(ValueError, match="no v̂"):
         presence(_predictions(true_px, visible, true_px, peaks=np.array([[0.9, 0.2, 0.8]])), strict)
+
+
+def _edge_case(visible):
+    """Five landmarks on a 32 px image, all peaks 0.9 and on their bones but the last: argmax 2 px and 1 px outside
+    the left edge, on the edge pixel, 1 px in, and 1 px outside but off its bone."""
+    predicted = np.array([[[-2.0, 10.0], [-1.0, 10.0], [0.0, 10.0], [1.0, 10.0], [-1.0, 20.0]]])
+    v_hat = np.array([[0.0, 0.0, 1.0, 1.0, 0.0]])  # what discrete_visibility gives: outside is 0
+    return _predictions(np.zeros((1, 5, 2)), [visible], predicted, peaks=np.full((1, 5), 0.9), v_hat=v_hat, on_bone=np.array([[True, True, True, True, False]]))
+
+
+def test_moving_the_image_edge_by_hand():
+    pred = _edge_case([True] * 5)
+    np.testing.assert_array_equal(pred.edge_distance(), [[-1.5, -0.5, 0.5, 1.5, -0.5]])
+    # d = 0 is v̂ itself; +1 px finds the argmax 1 px out (1 on its bone, 0.5 off it); +2 also the one 2 px out;
+    # -1 drops the edge pixel.
+    np.testing.assert_array_equal(bordered_visibility(pred, 0), pred.visibility)
+    np.testing.assert_array_equal(bordered_visibility(pred, 1), [[0.0, 1.0, 1.0, 1.0, 0.5]])
+    np.testing.assert_array_equal(bordered_visibility(pred, 2), [[1.0, 1.0, 1.0, 1.0, 0.5]])
+    np.testing.assert_array_equal(bordered_visibility(pred, -1), [[0.0, 0.0, 0.0, 1.0, 0.0]])
+    # A peak below 0.5 is not found wherever it lies.
+    low = dataclasses.replace(pred, peak_probability=np.full((1, 5), 0.4))
+    assert not bordered_visibility(low, 2).any()
+    # Moving the edge needs the on-bone calls of the argmax.
+    with pytest.raises(ValueError, match="on-bone"):
+        bordered_visibility(dataclasses.replace(pred, on_bone=None), 1)
+    rule = PresenceRule(own=False, threshold=1.0, source="test", score=Score.VISIBILITY, border_px=1)
+    np.testing.assert_array_equal(presence(pred, rule), [[False, True, True, True, False]])
+    assert rule.describe() == "v̂ >= 1, image edge moved +1 px (test)"
+
+
+def test_the_edge_is_chosen_with_the_level_on_validation_images():
+    # The one 1 px out is truly present (its argmax is 1 px off), the one 2 px out is not: with a 16 px margin the
+    # best rule is v̂ >= 1 with the edge moved out by 1 px (5 of 5); v̂ >= 0.5 at +1 would add the off-bone one.
+    pred = _edge_case([False, True, True, True, False])
+    assert choose_border(pred, margin_px=16) == (pytest.approx(1.0), 1)
+    # A plain model's argmax cannot leave the image: the search stops at d = 0 (4 of 5, first at d = 0).
+    assert choose_border(pred, margin_px=0) == (pytest.approx(1.0), 0)
+    # Only the landmark 1 px in truly present: moving the edge in by 1 px drops the edge pixel's call (5 of 5).
+    edge_absent = _edge_case([False, False, False, True, False])
+    assert choose_border(edge_absent, margin_px=16) == (pytest.approx(1.0), -1)
+    # Nothing to gain anywhere: d = 0 wins the tie.
+    assert choose_border(_edge_case([False, False, True, True, False]), margin_px=16)[1] == 0
 
 
 def test_accuracy_precision_recall_and_rmse_over_both_present_by_hand():

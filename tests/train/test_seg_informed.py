@@ -21,6 +21,7 @@ from pelmark.train.seg_informed import (
     PAD_VALUE,
     canvas_margin,
     dice_ce_loss,
+    argmax_on_bone,
     discrete_visibility,
     gaussian_targets,
     image_argmax,
@@ -94,6 +95,16 @@ def test_discrete_and_smooth_visibility_follow_the_papers_rule():
     # In between: a peak logit 0 (p = 1/2) spread evenly over the three pixels (q = 1/3) gives 1/2 (1 + 1/3) / 2.
     flat = torch.zeros(1, 2, 1, 3)
     torch.testing.assert_close(soft_visibility(flat, seg, bones)[0, 0], torch.tensor(1.0 / 3.0), atol=1e-6, rtol=0)
+
+
+def test_an_argmax_in_the_margin_reads_the_nearest_image_pixel_for_its_bone():
+    bones, seg = _two_landmarks()  # a 1 x 3 image
+    heat = torch.full((1, 2, 3, 5), -30.0)  # a 1 px canvas margin
+    heat[0, 0, 1, 0] = 30.0  # landmark 0 peaks 1 px left of the image, beside pixel 0
+    heat[0, 1, 1, 4] = 30.0  # landmark 1 peaks 1 px right of it, beside pixel 2
+    # Pixel 0 is background (not landmark 0's bone 1), pixel 2 is bone 2 (landmark 1's).
+    assert argmax_on_bone(heat, seg, bones).tolist() == [[False, True]]
+    assert discrete_visibility(heat, seg, bones).tolist() == [[0.0, 0.0]]  # outside the image: not present
 
 
 def test_the_landmark_to_bone_map_of_the_paper_landmarks():
@@ -193,6 +204,11 @@ def test_the_loss_on_a_canvas_targets_landmarks_outside_the_image_and_segments_t
     # The segmentation's losses see the image only: those of the cropped logits.
     dice, ce = dice_ce_loss(seg[..., margin:-margin, margin:-margin], labels)
     assert terms.log["dice_loss"] == pytest.approx(float(dice)) and terms.log["ce_loss"] == pytest.approx(float(ce))
+    # The visibility loss's weight of an absent landmark: seed 003's 2 by default, or as configured.
+    seg_logits = seg[..., margin:-margin, margin:-margin]
+    v_hat = soft_visibility(heat, seg_logits, bones)
+    for weight, got in ((2.0, terms), (1.0, seg_informed_loss(outputs, labels, points, visible, bones, sigma, absent_weight=1.0))):
+        assert got.log["vis_loss"] == pytest.approx(float(visibility_loss(v_hat, visible, weight)), abs=1e-6)
     assert terms.log["dice_loss"] < 1e-3
     # The visibility loss's truth is presence in the image. Every peak logit is 0 (p = 1/2): landmark 0's softmax
     # lies on the edge of its bone (q about 1/2); landmark 1's lies in the margin but for its Gaussian's tail, so its
@@ -266,7 +282,14 @@ def test_a_canvas_run_trains_validates_and_evaluates_in_image_pixels(labelled_st
     np.testing.assert_array_equal(evaluated.predicted_px, image_argmax(heat, 4).numpy())
     bones = torch.tensor(landmark_bone_matrix(run.landmark_names, BONE_CLASSES))
     np.testing.assert_array_equal(evaluated.visibility, discrete_visibility(heat, seg, bones).numpy())
+    np.testing.assert_array_equal(evaluated.on_bone, argmax_on_bone(heat, seg, bones).numpy())
     assert evaluated.segmentation.shape[-2:] == (32, 32)
+    # eval's v̂ with the image edge moved by 0 is v̂; moved out by the whole margin, every found peak counts.
+    from pelmark.evaluate.visibility import bordered_visibility
+
+    np.testing.assert_array_equal(bordered_visibility(evaluated, 0), evaluated.visibility)
+    found = evaluated.peak_probability >= 0.5
+    assert ((bordered_visibility(evaluated, 4) > 0) == found).all()
 
 
 def test_seg_informed_refuses_a_store_without_labels(tmp_path):
@@ -285,6 +308,10 @@ def test_the_visibility_loss_ramps_in_over_its_warm_up():
     assert plain.visibility_warmup_steps == 0 and visibility_weight(plain, 0) == 10.0  # seed 003: full weight at once
     with pytest.raises(PelmarkError, match="visibility-warmup-steps must be an integer >= 0"):
         resolve_config(Strategy.SEG_INFORMED, {}, {"visibility_warmup_steps": -1})
+    assert plain.visibility_absent_weight == 2.0  # seed 003: a false "present" costs double
+    assert resolve_config(Strategy.SEG_INFORMED, {}, {"visibility_absent_weight": 1.0}).visibility_absent_weight == 1.0
+    with pytest.raises(PelmarkError, match="visibility-absent-weight"):
+        resolve_config(Strategy.SEG_INFORMED, {}, {"visibility_absent_weight": 0.0})
 
 
 def test_the_demo_preset_ramps_seed_003s_visibility_weight_in_and_leaves_the_other_strategies_alone():
