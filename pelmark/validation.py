@@ -119,6 +119,7 @@ class TrainTable(_Strict):
     kl_weight: Optional[NonNegativeFloat] = None
     visibility_weight: Optional[NonNegativeFloat] = None
     visibility_warmup_steps: Optional[NonNegative] = None
+    visibility_absent_weight: Optional[Positive] = None
     canvas_margin_px: Optional[NonNegative] = None
     soft_argmax: Optional[_choices(SoftArgmax)] = None
     soft_argmax_radius: Optional[Count] = None

@@ -114,6 +114,8 @@ class TrainConfig:
         visibility_warmup_steps: the visibility loss's weight rises linearly from 0 to
             ``visibility_weight`` over this many first steps, so that the heatmaps form before it
             pushes the peaks of often-absent landmarks down (0 = full weight from the start, seed 003's).
+        visibility_absent_weight: the visibility loss's weight of a landmark that is not in the image, against 1
+            for one that is (seed 003: 2, false positives cost double; 1 weighs both errors as accuracy does).
         canvas_margin_px: seg-informed only: the model predicts on its input padded by this many model
             px on every side, so that a landmark just outside the image can peak outside it and be
             reported absent (:mod:`pelmark.train.seg_informed`); 0 = the paper's, heatmaps of the image.
@@ -171,6 +173,7 @@ class TrainConfig:
     kl_weight: float = 0.1
     visibility_weight: float = 10.0
     visibility_warmup_steps: int = 0
+    visibility_absent_weight: float = 2.0
     canvas_margin_px: int = 0
     soft_argmax: SoftArgmax = SoftArgmax.GLOBAL
     soft_argmax_radius: int = 3
@@ -210,6 +213,8 @@ class TrainConfig:
             problems.append("bce_weight and softmax_weight must not be negative")
         if min(self.seg_weight, self.kl_weight, self.visibility_weight) < 0:
             problems.append("seg_weight, kl_weight and visibility_weight must not be negative")
+        if self.visibility_absent_weight <= 0:
+            problems.append("visibility_absent_weight must be positive")
         if self.visibility_warmup_steps < 0:
             problems.append("visibility_warmup_steps must not be negative")
         if self.canvas_margin_px:

@@ -416,6 +416,7 @@ class Trainer:
                 self.landmark_bones,
                 config.gaussian_sigma_px,
                 (config.seg_weight, config.kl_weight, visibility_weight(config, self.state.step)),
+                absent_weight=config.visibility_absent_weight,
             )
             loss = loss + terms.loss
             row.update(terms.log)
