@@ -49,9 +49,7 @@ the search and printed the same choices and figures.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
@@ -60,7 +58,7 @@ from pelmark.evaluate.stat_tables import split_resampling
 from pelmark.evaluate.visibility import choose_border, presence, validation_rule, validation_truth
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
-from visibility_rule import paired_accuracy
+from visibility_rule import accuracy_cell, paired_accuracy, runs_and_splits
 
 RESAMPLES = 2000
 
@@ -78,12 +76,7 @@ def causes(pred: Predictions, present: np.ndarray) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("store", type=Path)
-    parser.add_argument("runs", type=Path, nargs="+")
-    parser.add_argument("--split", action="append", choices=[s.label for s in (Split.NOVEL_VIEW, Split.NOVEL_SUBJECT)])
-    args = parser.parse_args()
-    splits = [Split[label.upper()] for label in (args.split or ["novel_subject", "novel_view"])]
+    args, splits = runs_and_splits(__doc__)
     summary: dict[str, list[tuple[str, float, float, float]]] = {s.label: [] for s in splits}
     for run_dir in args.runs:
         run = load_run(run_dir)
@@ -108,11 +101,7 @@ def main() -> None:
             visible = truth.visible
             draws = split_resampling(truth, RESAMPLES, 0)
             diff, lo, hi, p = paired_accuracy(current, chosen, visible, draws)
-            cells = []
-            for name, present in (("d = 0", current), ("chosen", chosen)):
-                precision = (present & visible).sum() / max(1, present.sum())
-                recall = (present & visible).sum() / max(1, visible.sum())
-                cells.append(f"{name} {100 * (present == visible).mean():.2f} % (precision {100 * precision:.1f}, recall {100 * recall:.1f})")
+            cells = [accuracy_cell(name, present, visible) for name, present in (("d = 0", current), ("chosen", chosen))]
             print(f"  {split.label}: {'; '.join(cells)}; difference {100 * diff:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}], p {p:.3g}")
             print(f"    errors: d = 0 {causes(pred, current)} | chosen {causes(pred, chosen)}")
             summary[split.label].append(("margin" if margin else "plain", (current == visible).mean(), (chosen == visible).mean(), hi))

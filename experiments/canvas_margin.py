@@ -40,7 +40,7 @@ from pelmark.evaluate.stats import paired_difference
 from pelmark.evaluate.visibility import presence, validation_rule
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
-from visibility_rule import errors_by_border, paired_accuracy
+from visibility_rule import accuracy_cell, errors_by_border, paired_accuracy
 
 RESAMPLES = 2000
 
@@ -92,11 +92,7 @@ def main() -> None:
             rmse = paired_difference(squared_errors_px(plain), squared_errors_px(margin), draws)
             print(f"{plain_dir} -> {margin_dir} ({margin_run.config.canvas_margin_px} px margin), {split.label}:")
             print(f"  presence rules: {plain_rule} | {margin_rule}")
-            cells = []
-            for name, present in (("plain", plain_present), ("margin", margin_present)):
-                precision = (present & visible).sum() / max(1, present.sum())
-                recall = (present & visible).sum() / max(1, visible.sum())
-                cells.append(f"{name} {100 * (present == visible).mean():.2f} % (precision {100 * precision:.1f}, recall {100 * recall:.1f})")
+            cells = [accuracy_cell(name, present, visible) for name, present in (("plain", plain_present), ("margin", margin_present))]
             print(f"  visibility accuracy: {'; '.join(cells)}; difference {100 * diff:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}], p {p:.3g}")
             print(
                 f"  Table-1 mean: plain {rmse.baseline_mean:.2f}, margin {rmse.other_mean:.2f} px; difference {rmse.difference.value:+.2f}"

@@ -29,9 +29,7 @@ registered novel-subject visibility accuracy is not below 0.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
@@ -43,7 +41,7 @@ from pelmark.evaluate.stats import paired_difference
 from pelmark.evaluate.visibility import presence, registered_presence, validation_rule
 from pelmark.store import Split
 from pelmark.train.checkpoint import load_run
-from visibility_rule import paired_accuracy
+from visibility_rule import paired_accuracy, runs_and_splits
 
 RESAMPLES = 2000
 
@@ -65,12 +63,7 @@ def registered(pred: Predictions, rule):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("store", type=Path)
-    parser.add_argument("runs", type=Path, nargs="+")
-    parser.add_argument("--split", action="append", choices=[s.label for s in (Split.NOVEL_VIEW, Split.NOVEL_SUBJECT)])
-    args = parser.parse_args()
-    splits = [Split[label.upper()] for label in (args.split or ["novel_subject", "novel_view"])]
+    args, splits = runs_and_splits(__doc__)
     summary: dict[str, list[tuple[float, float, float, float]]] = {s.label: [] for s in splits}
     for run_dir in args.runs:
         run = load_run(run_dir)

@@ -106,13 +106,25 @@ def errors_by_border(wrong: np.ndarray, truth) -> str:
     return "  ".join(bands)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def runs_and_splits(doc: str) -> tuple[argparse.Namespace, list[Split]]:
+    """The command line ``STORE RUN_DIR... [--split ...]`` of the experiments on runs: (args, the splits, both test splits by default)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("store", type=Path)
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--split", action="append", choices=[s.label for s in (Split.NOVEL_VIEW, Split.NOVEL_SUBJECT)])
     args = parser.parse_args()
-    splits = [Split[label.upper()] for label in (args.split or ["novel_subject", "novel_view"])]
+    return args, [Split[label.upper()] for label in (args.split or ["novel_subject", "novel_view"])]
+
+
+def accuracy_cell(name: str, present: np.ndarray, visible: np.ndarray) -> str:
+    """``NAME accuracy % (precision, recall)`` of the ``present`` calls against ``visible``."""
+    precision = (present & visible).sum() / max(1, present.sum())
+    recall = (present & visible).sum() / max(1, visible.sum())
+    return f"{name} {100 * (present == visible).mean():.2f} % (precision {100 * precision:.1f}, recall {100 * recall:.1f})"
+
+
+def main() -> None:
+    args, splits = runs_and_splits(__doc__)
     rng = np.random.default_rng(0)
     for run_dir in args.runs:
         run = load_run(run_dir)
