@@ -7,7 +7,8 @@ inliers: "robust"). In the plain registration the landmarks visible in the
 ground truth take part (weight 1; the others weight 0), as for the landmark
 errors. In the robust one, the landmarks the model itself finds vote
 (:meth:`Predictions.votes`: heatmap peak probability >= 0.5 and argmax in the
-image, and for a model with a visibility output, on its own bone), so that its
+image, and for a model with a visibility output, on its own bone; a model with
+a canvas margin also votes with its found peaks in the margin), so that its
 pose uses no ground truth; it is also the pose behind
 ``pelmark eval --refine`` (:mod:`pelmark.evaluate.refine`). A predictor
 without heatmaps (the mean-position reference) votes with its visible landmarks.

@@ -3,7 +3,8 @@
 For each image, the landmarks the model finds (:meth:`Predictions.votes`:
 heatmap peak probability >= 0.5, the BCE-trained model's own decision, the
 argmax inside the image, and for a model with a visibility output the argmax
-on the landmark's own bone) are registered to the image's CT landmarks with
+on the landmark's own bone; for a model with a canvas margin also its found
+peaks in the margin, outside the image) are registered to the image's CT landmarks with
 the robust layer (RANSAC over subsets, then LM on the inliers). This is the
 "robust" registration of :mod:`pelmark.evaluate.pose`, reused, not run again.
 All the CT's landmarks are then projected under that pose into the model
@@ -156,7 +157,10 @@ def refine_summary(refinements: list[Refinement], enabled: bool) -> dict[str, An
     return {
         "enabled": enabled,
         "rows": f"<run>{REFINED_SUFFIX}",
-        "found": f"heatmap peak sigmoid >= {FOUND_PROBABILITY} and argmax inside the image (fixed, not tuned)",
+        "found": (
+            f"heatmap peak sigmoid >= {FOUND_PROBABILITY} and argmax inside the image (fixed, not tuned), and for a model "
+            "with a visibility output on its own bone; a canvas-margin model's found peaks outside the image vote too"
+        ),
         "registration": "pose.csv's robust registration (RANSAC over subsets of the found landmarks, then lm on the inliers)",
         "prediction": "every CT landmark projected into the model camera under that pose (pelmark.geometry.project)",
         "fallback": (

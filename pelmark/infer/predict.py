@@ -10,7 +10,9 @@ segmentation-informed model also gives seed 003's visibility v̂ of each landmar
 (v̂ = 0.5) is not present: the landmarks that vote in ``pelmark eval --refine``, and the level that
 ``pelmark eval``'s validation images chose on every demo run (README, *Results*, round 6).
 
-With CT landmarks, the present landmarks are registered to them by
+With CT landmarks, the present landmarks are registered to them (a model with a canvas margin
+adds those it finds in the margin, outside its input, which are not present but still say where
+the landmark projects: the votes of :meth:`pelmark.evaluate.predict.Predictions.votes`) by
 :func:`pelmark.registration.register_robust` (RANSAC over subsets, then LM on the inliers),
 as ``pelmark eval --refine`` does, in the camera of the file's image (turned by
 ``--rot180``), and every CT landmark is projected under that pose
@@ -163,7 +165,8 @@ def predict_image(
         bones = torch.tensor(landmark_bone_matrix(names, classes))
         visibility = discrete_visibility(logits, seg_logits, bones)[0].numpy().astype(np.float64)
         present = present & (visibility == 1)
-    registration = None if ct is None else register(oriented_px, present, ct, prepared)
+    votes = present | (~prepared.model_camera.contains(model_px).numpy() & (peak >= FOUND_PROBABILITY))  # margin peaks vote too
+    registration = None if ct is None else register(oriented_px, votes, ct, prepared)
     return ImagePrediction(
         xray=xray,
         prepared=prepared,
@@ -179,7 +182,8 @@ def predict_image(
 
 
 def register(oriented_px: torch.Tensor, present: np.ndarray, ct: CTLandmarks, prepared: Prepared) -> Registration:
-    """The robust pose of the present landmarks (pixels of the turned image) and the CT landmarks projected under it."""
+    """The robust pose of the ``present`` landmarks, the voting ones (pixels of the turned image), and the CT landmarks
+    projected under it."""
     from pelmark.geometry import project
     from pelmark.registration import register_robust
     from pelmark.registration.robust import unconfirmed

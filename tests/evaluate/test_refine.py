@@ -54,6 +54,23 @@ def test_found_is_peak_at_least_half_and_argmax_inside():
     assert Predictions("reference", truth, truth.true_px).found().all()  # no heatmap: every point inside counts
 
 
+def test_a_margin_model_also_votes_with_the_peaks_it_finds_outside_the_image():
+    truth = _eight_landmark_truth()
+    predicted = truth.true_px.copy()
+    predicted[:, 0] = [-5.0, 20.0]  # in a canvas margin, left of the image
+    predicted[:, 1] = [-4.0, 30.0]
+    peaks = np.full((4, 8), 0.9)
+    peaks[:, 1] = 0.3  # found nowhere
+    visibility = np.ones((4, 8))
+    visibility[:, :2] = 0.0  # outside the image: v̂ = 0, not present
+    seg = Predictions("seg", truth, predicted, peaks, present=visibility > 0, visibility=visibility)
+    assert not seg.found()[:, :2].any()  # presence is about the image
+    np.testing.assert_array_equal(seg.votes()[0], [True, False, True, True, True, True, True, True])
+    # A plain model's argmax never leaves the image, so this changes nothing for it.
+    inside = Predictions("m", truth, truth.true_px, peaks)
+    np.testing.assert_array_equal(inside.votes(), inside.found())
+
+
 def test_a_model_with_a_visibility_output_votes_only_the_landmarks_it_places_on_their_bone():
     truth = _eight_landmark_truth()
     predicted = truth.true_px.copy()

@@ -338,5 +338,5 @@ def test_a_seg_informed_run_predicts_evals_visibility_also_through_onnx(tmp_path
         assert result.exit_code == 0, result.output
         rows = read_rows(tmp_path / f"by-{name}" / "x.csv")
         assert [float(r["visibility"]) for r in rows] == evaluated.visibility[0].tolist()
-        assert [r["present"] == "True" for r in rows] == evaluated.votes()[0].tolist()
+        assert [r["present"] == "True" for r in rows] == (evaluated.votes() & evaluated.inside())[0].tolist()
         np.testing.assert_allclose(points(tmp_path / f"by-{name}" / "x.csv"), expected_file_px(evaluated, 0, camera), atol=1e-9)
