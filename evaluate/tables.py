@@ -164,7 +164,7 @@ def write_per_image(
     a ``<run>+reg`` row repeats its run's peak probability, and its ``found``
     says whether the landmark voted in the registration
     (:meth:`Predictions.votes`, the same as ``found`` for a model without a
-    visibility output). ``refine_flag`` is set on
+    visibility output or a canvas margin). ``refine_flag`` is set on
     ``<run>+reg`` rows only (see :class:`~pelmark.evaluate.refine.RefineFlag`).
     """
     refined = {id(r.predictions): r for r in refinements}
