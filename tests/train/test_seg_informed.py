@@ -320,9 +320,12 @@ def test_the_demo_preset_ramps_seed_003s_visibility_weight_in_and_leaves_the_oth
 
     demo = TRAIN_PRESETS["demo"]
     seg = resolve_config(Strategy.SEG_INFORMED, demo)
-    assert (seg.kl_weight, seg.visibility_weight, seg.visibility_warmup_steps, seg.canvas_margin_px) == (1.0, 10.0, 288, 0)
-    # The ramp covers the first half of the run: 16 epochs of the demo store's 36 batches.
-    assert seg.epochs == 16 and seg.visibility_warmup_steps == seg.epochs * 36 // 2
+    assert (seg.kl_weight, seg.visibility_weight, seg.canvas_margin_px, seg.visibility_absent_weight) == (1.0, 10.0, 16, 1.0)
+    # The ramp covers the first half of the run: 24 epochs of the demo store's 36 batches.
+    assert seg.epochs == 24 and seg.visibility_warmup_steps == seg.epochs * 36 // 2
+    # The canvas fits the encoder's stride: (128 + 2 * 16) / 2**4 is whole.
+    assert (seg.size + 2 * seg.canvas_margin_px) % 2**seg.encoder_depth == 0
     for strategy in (Strategy.BASELINE, Strategy.FINETUNE):
         other = resolve_config(strategy, demo, {"init": "x"} if strategy is Strategy.FINETUNE else None)
         assert (other.kl_weight, other.visibility_warmup_steps, other.canvas_margin_px) == (0.1, 0, 0)
+        assert other.visibility_absent_weight == 2.0 and other.epochs == (1 if strategy is Strategy.FINETUNE else 16)
