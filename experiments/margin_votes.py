@@ -25,6 +25,12 @@ peaks vote only if, over the three 24-epoch margin runs of round 8, the
 mean paired change of the novel-subject ``+reg`` Table-1 mean is below 0,
 no run's interval lies wholly above 0, and the mean paired change of the
 registered novel-subject visibility accuracy is not below 0.
+
+The rule passed (README, round 11) and ``pelmark eval`` now ships it
+(:meth:`pelmark.evaluate.predict.Predictions.votes`), so this script compares
+eval's votes with the rule they replaced, the votes inside the image only;
+its first version (commit a773b48) added the margin peaks to the votes of the
+time and printed the same figures.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import dataclasses
 import numpy as np
 
 from pelmark.evaluate.pose import Registration, pose_metrics
-from pelmark.evaluate.predict import FOUND_PROBABILITY, Predictions, flip_choice, predict_split, read_truth
+from pelmark.evaluate.predict import Predictions, flip_choice, predict_split, read_truth
 from pelmark.evaluate.refine import refine
 from pelmark.evaluate.stat_tables import split_resampling, squared_errors_px
 from pelmark.evaluate.stats import paired_difference
@@ -47,11 +53,11 @@ RESAMPLES = 2000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class MarginVoting(Predictions):
-    """eval's predictions whose votes also hold the found peaks outside the image (in a canvas margin)."""
+class ImageVotes(Predictions):
+    """eval's predictions with the votes of before round 11: only those inside the image."""
 
     def votes(self) -> np.ndarray:
-        return super().votes() | ((self.peak_probability >= FOUND_PROBABILITY) & ~self.inside())
+        return super().votes() & self.inside()
 
 
 def registered(pred: Predictions, rule):
@@ -72,25 +78,25 @@ def main() -> None:
         for split in splits:
             truth = read_truth(args.store, split, run.config.size)
             pred = predict_split(run, args.store, truth, progress=False, flip=order)
-            voting = MarginVoting(**{f.name: getattr(pred, f.name) for f in dataclasses.fields(pred)})
-            extra = int((voting.votes() & ~pred.votes()).sum())
-            pose, reg, present = registered(pred, rule)
-            pose_m, reg_m, present_m = registered(voting, rule)
+            inside_only = ImageVotes(**{f.name: getattr(pred, f.name) for f in dataclasses.fields(pred)})
+            extra = int((pred.votes() & ~inside_only.votes()).sum())
+            pose, reg, present = registered(inside_only, rule)
+            pose_m, reg_m, present_m = registered(pred, rule)
             draws = split_resampling(truth, RESAMPLES, 0)
             rmse = paired_difference(squared_errors_px(reg), squared_errors_px(reg_m), draws)
             diff, lo, hi, p = paired_accuracy(present, present_m, truth.visible, draws)
             accuracy, accuracy_m = ((calls == truth.visible).mean() for calls in (present, present_m))
-            print(f"{run_dir} ({run.config.canvas_margin_px} px margin), {split.label}: {extra} margin peaks added to {int(pred.votes().sum())} votes")
+            print(f"{run_dir} ({run.config.canvas_margin_px} px margin), {split.label}: {extra} margin peaks added to {int(inside_only.votes().sum())} votes")
             print(
-                f"  +reg Table-1 mean: eval's {rmse.baseline_mean:.2f}, with margin votes {rmse.other_mean:.2f} px; difference"
+                f"  +reg Table-1 mean: inside only {rmse.baseline_mean:.2f}, with margin votes {rmse.other_mean:.2f} px; difference"
                 f" {rmse.difference.value:+.2f} [{rmse.difference.lo:+.2f}, {rmse.difference.hi:+.2f}] ({rmse.relative_pct:+.1f} %), p {rmse.p_value:.3g}"
             )
             print(
-                f"  registered visibility: eval's {100 * accuracy:.2f} %, with margin votes {100 * accuracy_m:.2f} %; difference"
+                f"  registered visibility: inside only {100 * accuracy:.2f} %, with margin votes {100 * accuracy_m:.2f} %; difference"
                 f" {100 * diff:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}], p {p:.3g}"
             )
             print(
-                f"  robust pose median mTRE: eval's {np.nanmedian(pose.mtre_mm):.2f} mm, with margin votes {np.nanmedian(pose_m.mtre_mm):.2f} mm;"
+                f"  robust pose median mTRE: inside only {np.nanmedian(pose.mtre_mm):.2f} mm, with margin votes {np.nanmedian(pose_m.mtre_mm):.2f} mm;"
                 f" failed registrations {int(pose.degenerate.sum())} -> {int(pose_m.degenerate.sum())}"
             )
             summary[split.label].append((rmse.difference.value, rmse.difference.lo, accuracy_m - accuracy, accuracy_m))
