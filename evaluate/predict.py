@@ -247,12 +247,13 @@ def predict_split(
             raise PelmarkError(f"model predicts {outputs.shape[1] - expected + n_landmarks} landmarks, the store has {n_landmarks}", run.run_dir)
         margin = canvas_margin(outputs, images.shape)
         logits, seg_logits = split_outputs(outputs, n_landmarks, margin)
-        predicted.append(image_argmax(logits, margin).cpu().numpy().astype(np.float64))
+        points = image_argmax(logits, margin)
+        predicted.append(points.cpu().numpy().astype(np.float64))
         peaks.append(torch.sigmoid(logits.flatten(2).amax(-1)).cpu().numpy().astype(np.float64))
         rows.append(np.asarray(batch["index"]))
         if bones is not None:
             visibility.append(discrete_visibility(logits, seg_logits, bones).cpu().numpy())
-            on_bone.append(argmax_on_bone(logits, seg_logits, bones).cpu().numpy())
+            on_bone.append(argmax_on_bone(points, seg_logits, bones).cpu().numpy())
             segmentation.append(seg_logits.argmax(dim=1).to(torch.uint8).cpu().numpy())
     if not np.array_equal(np.concatenate(rows), truth.rows):
         raise RuntimeError("predictions came back in another order than the store rows")

@@ -227,16 +227,17 @@ def visibility_loss(predicted: Tensor, visible: Tensor, absent_weight: float = A
 
 
 @torch.no_grad()
-def argmax_on_bone(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
-    """(B, L) bool: the predicted class at each heatmap's argmax is one of its landmark's bones. An argmax in
-    the canvas margin reads the nearest image pixel (the segmentation covers the image only)."""
-    batch, landmarks = heatmap_logits.shape[:2]
+def argmax_on_bone(points_px: Tensor, seg_logits: Tensor, bones: Tensor) -> Tensor:
+    """(B, L) bool: the predicted class at each heatmap's argmax, (B, L, 2) image px of :func:`image_argmax`, is
+    one of its landmark's bones. An argmax in the canvas margin reads the nearest image pixel (the segmentation
+    covers the image only)."""
+    batch, landmarks = points_px.shape[:2]
     height, width = seg_logits.shape[-2:]
-    points = image_argmax(heatmap_logits, canvas_margin(heatmap_logits, seg_logits.shape)).long()  # (B, L, 2) image px
+    points = points_px.long()
     where = points[..., 1].clamp(0, height - 1) * width + points[..., 0].clamp(0, width - 1)
     classes = seg_logits.argmax(dim=1).reshape(batch, -1)  # (B, P)
     class_at = classes.gather(1, where)  # (B, L)
-    return bones.to(heatmap_logits.device)[torch.arange(landmarks, device=heatmap_logits.device)[None], class_at]
+    return bones.to(seg_logits.device)[torch.arange(landmarks, device=seg_logits.device)[None], class_at]
 
 
 @torch.no_grad()
@@ -248,7 +249,7 @@ def discrete_visibility(heatmap_logits: Tensor, seg_logits: Tensor, bones: Tenso
     peak = heatmap_logits.float().reshape(batch, landmarks, -1).amax(dim=-1)
     points = image_argmax(heatmap_logits, canvas_margin(heatmap_logits, seg_logits.shape))  # (B, L, 2) image px
     present = (torch.sigmoid(peak) >= PRESENT_PROBABILITY) & on_pixel_grid(points, height, width)
-    return torch.where(present, torch.where(argmax_on_bone(heatmap_logits, seg_logits, bones), 1.0, 0.5), 0.0)
+    return torch.where(present, torch.where(argmax_on_bone(points, seg_logits, bones), 1.0, 0.5), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,8 +165,10 @@ def predict_image(
         bones = torch.tensor(landmark_bone_matrix(names, classes))
         visibility = discrete_visibility(logits, seg_logits, bones)[0].numpy().astype(np.float64)
         present = present & (visibility == 1)
-    votes = present | (~prepared.model_camera.contains(model_px).numpy() & (peak >= FOUND_PROBABILITY))  # margin peaks vote too
-    registration = None if ct is None else register(oriented_px, votes, ct, prepared)
+    registration = None
+    if ct is not None:
+        votes = present | (~prepared.model_camera.contains(model_px).numpy() & (peak >= FOUND_PROBABILITY))  # margin peaks too
+        registration = register(oriented_px, votes, ct, prepared)
     return ImagePrediction(
         xray=xray,
         prepared=prepared,

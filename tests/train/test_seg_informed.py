@@ -103,7 +103,7 @@ def test_an_argmax_in_the_margin_reads_the_nearest_image_pixel_for_its_bone():
     heat[0, 0, 1, 0] = 30.0  # landmark 0 peaks 1 px left of the image, beside pixel 0
     heat[0, 1, 1, 4] = 30.0  # landmark 1 peaks 1 px right of it, beside pixel 2
     # Pixel 0 is background (not landmark 0's bone 1), pixel 2 is bone 2 (landmark 1's).
-    assert argmax_on_bone(heat, seg, bones).tolist() == [[False, True]]
+    assert argmax_on_bone(image_argmax(heat, 1), seg, bones).tolist() == [[False, True]]
     assert discrete_visibility(heat, seg, bones).tolist() == [[0.0, 0.0]]  # outside the image: not present
 
 
@@ -282,7 +282,7 @@ def test_a_canvas_run_trains_validates_and_evaluates_in_image_pixels(labelled_st
     np.testing.assert_array_equal(evaluated.predicted_px, image_argmax(heat, 4).numpy())
     bones = torch.tensor(landmark_bone_matrix(run.landmark_names, BONE_CLASSES))
     np.testing.assert_array_equal(evaluated.visibility, discrete_visibility(heat, seg, bones).numpy())
-    np.testing.assert_array_equal(evaluated.on_bone, argmax_on_bone(heat, seg, bones).numpy())
+    np.testing.assert_array_equal(evaluated.on_bone, argmax_on_bone(image_argmax(heat, 4), seg, bones).numpy())
     assert evaluated.segmentation.shape[-2:] == (32, 32)
     # eval's v̂ with the image edge moved by 0 is v̂; moved out by the whole margin, every found peak counts.
     from pelmark.evaluate.visibility import bordered_visibility
