@@ -5,22 +5,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pelmark.errors import PelmarkError
-from pelmark.geometry import Camera, project
+from pelmark.geometry import Camera, project_host
+from pelmark.registration import host
 from pelmark.registration.checks import Problem, prepare, solution_reason
 from pelmark.registration.implicit import ImplicitPose
 from pelmark.registration.init import initial_pose, starting_poses
-from pelmark.registration.lm import solve_lm
-from pelmark.registration.objective import (
-    chart_jacobian,
-    linearise,
-    normal_equations,
-    rms_residual_px,
-    wrap_rotation,
-)
+from pelmark.registration.lm import solve_lm_host
+from pelmark.registration.objective import wrap_rotation
 from pelmark.registration.options import Init, RegistrationSettings, Solver
 from pelmark.registration.result import RegistrationResult
 from pelmark.registration.threads import small_problem_threads
@@ -125,24 +121,27 @@ def _run_lm(
     settings: RegistrationSettings,
     needs_grad: bool,
 ) -> _Solved:
-    """Solve to convergence without a graph; attach the implicit backward if needed.
+    """Solve to convergence on the host, without a graph; attach the implicit backward if needed.
 
     ``detached`` holds the problem's landmarks, weights and points detached from the graph.
     """
-    state = solve_lm(*detached, camera, starts, problem.keep, settings.lm, settings.min_depth_mm)
-    found = solution_reason(state.depth_mm, detached[1], state.gauss_newton, state.pose, settings)
+    device = problem.landmarks_px.device
+    landmarks, weights, points = (host.to_host(x) for x in detached)
+    kept, known = host.to_host(problem.keep), host.to_host(problem.reason)
+    state = solve_lm_host(landmarks, weights, points, host.to_host(starts), kept, camera, settings.lm, settings.min_depth_mm)
+    found = solution_reason(state.depth_mm, weights, state.gauss_newton, state.pose, settings)
     # A solved sample had no bit before solving.
-    reason = torch.where(problem.keep, found, problem.reason)
+    reason = np.where(kept, found, known)
     keep = reason == 0
-    solution = torch.where(keep[:, None], state.pose, state.start)
+    solution = np.where(keep[:, None], state.pose, state.start)
     # Flagged samples return their start, which the solver never left unless it was flagged afterwards.
-    residual = _residual(problem, camera, solution, state.pixels, keep | ~problem.keep, settings)
+    residual = _residual(problem, camera, solution, state.pixels, keep | ~kept, settings)
+    pose = torch.from_numpy(solution).to(device)
     if needs_grad:
         inputs = (problem.landmarks_px, problem.weights, problem.points_world_mm)
-        pose = ImplicitPose.apply(solution, *inputs, keep, camera, settings.min_depth_mm)
-    else:
-        pose = solution
-    return _Solved(pose, state.start, residual, reason, state.iterations, state.converged)
+        pose = ImplicitPose.apply(pose, *inputs, torch.from_numpy(keep).to(device), camera, settings.min_depth_mm)
+    on_device = (state.start, residual, reason, state.iterations, state.converged)
+    return _Solved(pose, *(torch.from_numpy(x).to(device) for x in on_device))
 
 
 def _run_unrolled(
@@ -153,7 +152,7 @@ def _run_unrolled(
     settings: RegistrationSettings,
     needs_grad: bool,
 ) -> _Solved:
-    """The paper's Adam or L-BFGS, then the same checks as LM and a stationarity test."""
+    """The paper's Adam or L-BFGS, then the same checks as LM and a stationarity test (on the host)."""
     objective = Objective(
         problem.landmarks_px, problem.weights, problem.points_world_mm, camera, settings.min_depth_mm
     )
@@ -164,30 +163,48 @@ def _run_unrolled(
     else:
         pose, iterations = solve_lbfgs(objective, start, box, settings.lbfgs, needs_grad)
 
-    with torch.no_grad():
-        weights = problem.weights.detach()
-        lin = linearise(problem.points_world_mm.detach(), pose.detach(), camera, settings.min_depth_mm)
-        gauss_newton, gradient = normal_equations(
-            chart_jacobian(lin), lin.pixels - problem.landmarks_px.detach(), weights
+    device = pose.device
+    landmarks, weights, points, found_pose = (
+        host.to_host(x) for x in (problem.landmarks_px, problem.weights, problem.points_world_mm, pose)
+    )
+    with np.errstate(all="ignore"):
+        system, pixels, depth = host.evaluate(
+            landmarks, host.weight_rows(weights), points, camera, found_pose, settings.min_depth_mm
         )
-        found = solution_reason(lin.depth_mm, weights, gauss_newton, pose.detach(), settings)
-        reason = problem.reason | torch.where(problem.keep, found, 0)
-        keep = reason == 0
-        # Converged: one Gauss-Newton step from the result is negligible in every component.
-        eye = torch.eye(6, dtype=pose.dtype, device=pose.device)
-        step, info = torch.linalg.solve_ex(torch.where(keep[:, None, None], gauss_newton, eye), -gradient)
-        converged = keep & (info == 0) & (step.abs().amax(-1) <= settings.converged_step)
-    pose = torch.where(keep[:, None], pose, start)
-    residual = _residual(problem, camera, pose.detach(), lin.pixels, keep, settings)
-    return _Solved(pose, start, residual, reason, iterations, converged)
+    gauss_newton = system[:, :6, :6]
+    found = solution_reason(depth, weights, gauss_newton, found_pose, settings)
+    reason = host.to_host(problem.reason) | np.where(host.to_host(problem.keep), found, 0)
+    keep = reason == 0
+    # Converged: one Gauss-Newton step from the result is negligible in every component.
+    step, solved = host.solve_general(np.where(keep[:, None, None], gauss_newton, np.eye(6)), system[:, :6, 6])
+    converged = keep & solved & (np.abs(step).max(-1) <= settings.converged_step)
+    keep_t = torch.from_numpy(keep).to(device)
+    pose = torch.where(keep_t[:, None], pose, start)
+    residual = _residual(problem, camera, host.to_host(pose), pixels, keep, settings)
+    return _Solved(
+        pose,
+        start,
+        torch.from_numpy(residual).to(device),
+        torch.from_numpy(reason).to(device),
+        iterations,
+        torch.from_numpy(converged).to(device),
+    )
 
 
 def _residual(
-    problem: Problem, camera: Camera, pose: Tensor, pixels: Tensor, at_pose: Tensor, settings: RegistrationSettings
-) -> Tensor:
+    problem: Problem,
+    camera: Camera,
+    pose: np.ndarray,
+    pixels: np.ndarray,
+    at_pose: np.ndarray,
+    settings: RegistrationSettings,
+) -> np.ndarray:
     """(B,) RMS reprojection error at ``pose``; ``pixels`` are already its projection where ``at_pose``."""
-    with torch.no_grad():
-        if not bool(at_pose.all()):
-            fresh = project(problem.points_world_mm, pose, camera, settings.min_depth_mm)
-            pixels = torch.where(at_pose[:, None, None], pixels, fresh)
-        return rms_residual_px(pixels - problem.landmarks_px, problem.visible_weights)  # no graph under no_grad
+    points, landmarks, visible_weights = (
+        host.to_host(x) for x in (problem.points_world_mm, problem.landmarks_px, problem.visible_weights)
+    )
+    if not at_pose.all():
+        with np.errstate(all="ignore"):
+            fresh, _, _ = project_host(points, pose, camera, settings.min_depth_mm)
+        pixels = np.where(at_pose[:, None, None], pixels, fresh)
+    return host.rms_residual_px(pixels - landmarks, visible_weights)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pelmark.errors import PelmarkError
+from pelmark.registration import host
 from pelmark.registration.options import Degeneracy, RegistrationSettings
 from pelmark.types import Landmarks2D, Landmarks3D, Weights
 
@@ -159,13 +161,15 @@ def _collinear(points: Tensor, visible: Tensor, tolerance: float) -> Tensor:
 
 
 def solution_reason(
-    depth_mm: Tensor,
-    weights: Weights,
-    gauss_newton: Tensor,
-    pose: Tensor,
+    depth_mm: np.ndarray,
+    weights: np.ndarray,
+    gauss_newton: np.ndarray,
+    pose: np.ndarray,
     settings: RegistrationSettings,
-) -> Tensor:
+) -> np.ndarray:
     """Degeneracy bits found at a solution: points behind the source, singular normal equations, NaN.
+
+    On host arrays, as the solve that found the solution (:mod:`pelmark.registration.host`).
 
     Args:
         depth_mm: (B, L) unclamped depths at the solution.
@@ -181,16 +185,15 @@ def solution_reason(
     behind = (visible & (depth_mm <= settings.min_depth_mm)).any(-1)
     # Jacobi scaling makes the test free of the rad/mm units of θ; the scaled
     # matrix minus tol·I has a Cholesky factor iff its smallest eigenvalue > tol.
-    diag = gauss_newton.diagonal(dim1=-2, dim2=-1)
-    tiny = torch.finfo(diag.dtype).tiny
-    inv_sqrt = diag.clamp_min(tiny).rsqrt()
-    scaled = gauss_newton * inv_sqrt.unsqueeze(-1) * inv_sqrt.unsqueeze(-2)
-    scaled = torch.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0)  # a fresh tensor
-    scaled.diagonal(dim1=-2, dim2=-1).sub_(settings.lm.singular_tolerance)  # - tol·I in place
-    _, info = torch.linalg.cholesky_ex(scaled)
-    no_signal = diag.amin(-1) <= settings.lm.singular_tolerance * diag.amax(-1).clamp_min(tiny)
-    return _union_of_flags(
-        (behind, Degeneracy.BEHIND_SOURCE),
-        (info.bool() | no_signal, Degeneracy.SINGULAR),
-        (~torch.isfinite(pose).all(-1), Degeneracy.NON_FINITE),
-    )
+    diag = np.diagonal(gauss_newton, axis1=1, axis2=2)
+    tiny = np.finfo(np.float64).tiny
+    inv_sqrt = 1.0 / np.sqrt(np.maximum(diag, tiny))
+    with np.errstate(all="ignore"):
+        scaled = np.nan_to_num(gauss_newton * inv_sqrt[:, :, None] * inv_sqrt[:, None, :], nan=0.0, posinf=0.0, neginf=0.0)
+    scaled[:, range(6), range(6)] -= settings.lm.singular_tolerance
+    no_signal = diag.min(-1) <= settings.lm.singular_tolerance * np.maximum(diag.max(-1), tiny)
+    singular = ~host.is_definite(scaled) | no_signal
+    non_finite = ~np.isfinite(pose).all(-1)
+    return (
+        behind * int(Degeneracy.BEHIND_SOURCE) + singular * int(Degeneracy.SINGULAR) + non_finite * int(Degeneracy.NON_FINITE)
+    ).astype(np.int64)

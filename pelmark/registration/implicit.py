@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -44,6 +45,7 @@ from pelmark.registration.objective import (
     moving_rows,
     row_maps,
 )
+from pelmark.registration import host
 from pelmark.registration.threads import small_problem_threads
 
 
@@ -76,21 +78,13 @@ class ImplicitPose(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_pose: Tensor) -> tuple[Tensor | None, ...]:
         solution, landmarks_px, weights, points_world_mm, keep = ctx.saved_tensors
-        # Inference mode skips autograd's bookkeeping on every kernel; the gradients leave as
-        # ordinary tensors (autograd may keep one as a leaf's .grad and add to it in place).
-        with small_problem_threads(solution.device, weights.numel()), torch.inference_mode():
-            grads = implicit_vjp(
-                grad_pose,
-                solution,
-                landmarks_px,
-                weights,
-                points_world_mm,
-                keep,
-                ctx.camera,
-                ctx.min_depth_mm,
-                wanted=tuple(ctx.needs_input_grad[1:4]),
-            )
-        return (None, *(None if grad is None else grad.clone() for grad in grads), None, None, None)
+        device = solution.device
+        # The arithmetic runs in NumPy on the host, as the solve did (see registration.host).
+        arrays = [x.detach().cpu().numpy() for x in (grad_pose.to(solution.dtype), solution, landmarks_px, weights, points_world_mm, keep)]
+        with small_problem_threads(torch.device("cpu"), weights.numel()), np.errstate(all="ignore"):
+            grads = host.implicit_vjp(*arrays, ctx.camera, ctx.min_depth_mm, wanted=tuple(ctx.needs_input_grad[1:4]))
+        # Fresh tensors: autograd may keep one as a leaf's .grad and add to it in place.
+        return (None, *(None if grad is None else torch.from_numpy(grad).to(device) for grad in grads), None, None, None)
 
 
 def implicit_vjp(

@@ -6,7 +6,8 @@ the least-squares sense, makes its left 3x3 block a rotation, and converts the
 world-to-camera matrix [R | t] to θ as :func:`pelmark.geometry.camera_to_pose`
 does (θ-matrix = nominal_extrinsic⁻¹ [R | t]).
 It needs six visible, non-coplanar landmarks; otherwise, or when its pose fits
-worse than the identity, the identity is used.
+worse than the identity, the identity is used. Like the solver it starts, it
+runs in NumPy on the host (see :mod:`pelmark.registration.host`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pelmark.errors import PelmarkError
-from pelmark.geometry import Camera, nominal_extrinsic, project, rotation_to_rotvec
+from pelmark.geometry import Camera, nominal_extrinsic, project, rotation_to_rotvec_host
+from pelmark.registration.host import cross, solve_definite
 from pelmark.registration.objective import weighted_cost
 from pelmark.registration.options import Init
 from pelmark.types import Landmarks2D, Landmarks3D, Pose, Weights
@@ -30,54 +33,51 @@ _MAX_DISTORTION = 0.5
 
 
 class _Constants(NamedTuple):
-    inverse_rotation: Tensor  # of nominal_extrinsic⁻¹
-    inverse_rotation_t: Tensor  # its transpose, contiguous
-    inverse_translation: Tensor
-    centre: Tensor  # (cx, cy)
-    focal: Tensor  # (fx, fy)
-    dlt_rows: Tensor  # (12, 24): see _dlt_rows
-    translation_rows: Tensor  # (12, 8): see _translation_rows
-    eye2: Tensor
+    inverse_rotation: np.ndarray  # of nominal_extrinsic⁻¹
+    inverse_rotation_t: np.ndarray  # its transpose
+    inverse_translation: np.ndarray
+    centre: np.ndarray  # (cx, cy)
+    focal: np.ndarray  # (fx, fy)
+    dlt_rows: np.ndarray  # (12, 24): see _dlt_rows
+    translation_rows: np.ndarray  # (12, 8): see _translation_rows
 
 
 @functools.lru_cache(maxsize=32)
-def _constants(camera: Camera, dtype: torch.dtype, device: torch.device) -> _Constants:
-    """What the closed form needs of a camera, built once per (camera, dtype, device)."""
-    with torch.inference_mode(False):
-        inverse = torch.linalg.inv(nominal_extrinsic(camera, dtype)).to(device)
-        return _Constants(
-            inverse_rotation=inverse[:3, :3],
-            inverse_rotation_t=inverse[:3, :3].T.contiguous(),
-            inverse_translation=inverse[:3, 3],
-            centre=torch.tensor([camera.cx_px, camera.cy_px], dtype=dtype, device=device),
-            focal=torch.tensor([camera.fx, camera.fy], dtype=dtype, device=device),
-            dlt_rows=_dlt_rows(dtype, device),
-            translation_rows=_translation_rows(dtype, device),
-            eye2=torch.eye(2, dtype=dtype, device=device),
-        )
+def _constants(camera: Camera) -> _Constants:
+    """What the closed form needs of a camera, in float64, built once per camera."""
+    inverse = torch.linalg.inv(nominal_extrinsic(camera, torch.float64)).numpy()
+    return _Constants(
+        inverse_rotation=inverse[:3, :3].copy(),
+        inverse_rotation_t=inverse[:3, :3].T.copy(),
+        inverse_translation=inverse[:3, 3].copy(),
+        centre=np.array([camera.cx_px, camera.cy_px]),
+        focal=np.array([camera.fx, camera.fy]),
+        dlt_rows=_dlt_rows(),
+        translation_rows=_translation_rows(),
+    )
 
 
-def _dlt_rows(dtype: torch.dtype, device: torch.device) -> Tensor:
+def _dlt_rows() -> np.ndarray:
     """(12, 24) M with [A | b] = ((1, x, y) ⊗ (n, 1)) M, the DLT's two rows per landmark.
 
     With h = (n, 1) the normalised homogeneous point and (x, y) its ray, the rows
     are (h, 0, -x n | x) and (0, h, -y n | y): every entry is bilinear in
     (1, x, y) and h, so one product with this constant builds them.
     """
-    rows = torch.zeros(3, 4, 2, 12, dtype=dtype, device=device)
+    rows = np.zeros((3, 4, 2, 12))
     for k in range(2):
-        rows[0, :, k, 4 * k : 4 * k + 4] = torch.eye(4, dtype=dtype, device=device)  # h
-        rows[1 + k, :3, k, 8:11] = -torch.eye(3, dtype=dtype, device=device)  # -x n (-y n)
+        rows[0, :, k, 4 * k : 4 * k + 4] = np.eye(4)  # h
+        rows[1 + k, :3, k, 8:11] = -np.eye(3)  # -x n (-y n)
         rows[1 + k, 3, k, 11] = 1.0  # x (y)
     return rows.reshape(12, 24)
 
 
-def _translation_rows(dtype: torch.dtype, device: torch.device) -> Tensor:
+def _translation_rows() -> np.ndarray:
     """(12, 8) M with [A | b] = ((1, x, y) ⊗ (1, q)) M for t given the rotation (q = R p).
 
     The rows are (1, 0, -x | x q_z - q_x) and (0, 1, -y | y q_z - q_y).
     """
-    rows = torch.zeros(3, 4, 2, 4, dtype=dtype, device=device)
+    rows = np.zeros((3, 4, 2, 4))
     for k in range(2):
         rows[0, 0, k, k] = 1.0
         rows[1 + k, 0, k, 2] = -1.0
@@ -86,10 +86,12 @@ def _translation_rows(dtype: torch.dtype, device: torch.device) -> Tensor:
     return rows.reshape(12, 8)
 
 
-def _normal_matrix(rows: Tensor, weights: Tensor) -> Tensor:
+def _normal_matrix(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """[A | b]ᵀ W [A | b] (B, n, n) of rows (B, L, 2, n) that share their landmark's weight."""
-    weighted = (rows * weights[..., None, None]).flatten(1, 2)
-    return torch.bmm(weighted.transpose(-1, -2), rows.flatten(1, 2))
+    batch, _, _, n = rows.shape
+    flat = rows.reshape(batch, -1, n)
+    weighted = (rows * weights[..., None, None]).reshape(batch, -1, n)
+    return weighted.transpose(0, 2, 1) @ flat
 
 
 def closed_form_pose(
@@ -116,52 +118,60 @@ def closed_form_pose(
         camera: the detector (its intrinsics calibrate the rays).
 
     Returns:
-        (B, 6) poses (identity where unusable) and (B,) True where the closed
-        form is usable: at least six visible points, a solvable system, a 3x3
-        block close to a scaled rotation, and every visible point in front of
-        the source.
+        (B, 6) float64 poses (identity where unusable) and (B,) True where the
+        closed form is usable: at least six visible points, a solvable system, a
+        3x3 block close to a scaled rotation, and every visible point in front of
+        the source; both on the inputs' device, without gradient.
     """
-    const = _constants(camera, landmarks_px.dtype, landmarks_px.device)
+    device = landmarks_px.device
+    arrays = [x.detach().to("cpu", torch.float64).numpy() for x in (landmarks_px, weights, points_world_mm)]
+    # A sample without a usable system gives NaN on the way (0/0), which ok masks, as in torch.
+    with np.errstate(all="ignore"):
+        pose, ok = closed_form_host(*arrays, camera)
+    return torch.from_numpy(pose).to(device), torch.from_numpy(ok).to(device)
+
+
+def closed_form_host(
+    landmarks_px: np.ndarray, weights: np.ndarray, points_world_mm: np.ndarray, camera: Camera
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`closed_form_pose` on float64 arrays: (B, 6) poses and (B,) usable."""
+    const = _constants(camera)
     visible = weights > 0
-    total = weights.sum(-1, keepdim=True).clamp_min(1e-300)
+    solvable = visible.sum(-1) >= DLT_MIN_POINTS
+    total = np.maximum(weights.sum(-1, keepdims=True), 1e-300)
     centroid = (points_world_mm * weights[..., None]).sum(-2) / total
     centred = points_world_mm - centroid[:, None]
     # Unit-scale coordinates keep the normal equations well conditioned (Hartley).
-    scale = (weights * centred.square().sum(-1)).sum(-1, keepdim=True).div(total).clamp_min(1e-18).rsqrt()
+    scale = 1.0 / np.sqrt(np.maximum((weights * (centred * centred).sum(-1)).sum(-1, keepdims=True) / total, 1e-18))
     normalised = centred * scale[..., None]
-    homogeneous = torch.constant_pad_nd(normalised, (0, 1), 1.0)
+    ones = np.ones(weights.shape + (1,))
+    homogeneous = np.concatenate([normalised, ones], axis=-1)
     # (1, x, y) with (x, y) the calibrated ray: both systems' rows are bilinear in it.
-    rays = torch.constant_pad_nd((landmarks_px - const.centre) / const.focal, (1, 0), 1.0)
+    rays = np.concatenate([ones, (landmarks_px - const.centre) / const.focal], axis=-1)
 
     # All the DLT's normal equations come from one product (see _dlt_rows).
     normal = _normal_matrix(_bilinear(rays, homogeneous, const.dlt_rows), weights)
-    factor, info = torch.linalg.cholesky_ex(normal[:, :11, :11])
-    solution = torch.cholesky_solve(normal[:, :11, 11:], factor)[..., 0]
-    projection = torch.constant_pad_nd(solution, (0, 1), 1.0).view(-1, 3, 4)
+    solution, factored = solve_definite(normal[:, :11, :11], normal[:, :11, 11])
+    solved = solvable & factored
+    projection = np.concatenate([solution, np.ones((len(solution), 1))], axis=-1).reshape(-1, 3, 4)
 
     # Undo the normalisation: P_world = P_norm [[s I, -s c], [0, 1]].
     block = projection[..., :3] * scale[..., None]
-    offset = projection[..., 3] - torch.bmm(block, centroid.unsqueeze(-1)).squeeze(-1)
-    row_norm = torch.linalg.vector_norm(block, dim=-1)
+    offset = projection[..., 3] - (block @ centroid[..., None])[..., 0]
+    row_norm = np.sqrt((block * block).sum(-1))
     first = block[:, 0] / row_norm[:, :1]
-    second = block[:, 1] - (block[:, 1] * first).sum(-1, keepdim=True) * first
-    second = second / torch.linalg.vector_norm(second, dim=-1, keepdim=True).clamp_min(1e-300)
-    third = torch.linalg.cross(first, second, dim=-1)
-    rotation = torch.stack([first, second, third], dim=-2)
-    size = row_norm[:, :2].mean(-1, keepdim=True)
-    rotated = torch.bmm(points_world_mm, rotation.transpose(-1, -2))
+    second = block[:, 1] - (block[:, 1] * first).sum(-1, keepdims=True) * first
+    second = second / np.maximum(np.sqrt((second * second).sum(-1, keepdims=True)), 1e-300)
+    third = cross(first, second)
+    rotation = np.stack([first, second, third], axis=-2)
+    size = row_norm[:, :2].mean(-1, keepdims=True)
+    rotated = points_world_mm @ rotation.transpose(0, 2, 1)
     translation = _translation_given_rotation(rotated, rays, weights, const.translation_rows)
-    translation = torch.where(torch.isfinite(translation), translation, offset / size)
+    translation = np.where(np.isfinite(translation), translation, offset / size)
 
     # geometry.camera_to_pose without building (B, 4, 4) matrices: θ = nominal⁻¹ [R | t].
-    # (The batched product with the constant expanded gives the numbers of a broadcast matmul.)
-    pose = torch.cat(
-        [
-            rotation_to_rotvec(torch.bmm(const.inverse_rotation.expand_as(rotation), rotation)),
-            translation @ const.inverse_rotation_t + const.inverse_translation,
-        ],
-        dim=-1,
-    )
+    rotvec = rotation_to_rotvec_host(const.inverse_rotation @ rotation)
+    pose = np.concatenate([rotvec, translation @ const.inverse_rotation_t + const.inverse_translation], axis=-1)
 
     depth = rotated[..., 2] + translation[:, None, 2]
     in_front = ((depth > 0) | ~visible).all(-1)
@@ -170,21 +180,21 @@ def closed_form_pose(
     # is weakly determined under the C-arm's mild perspective and only has to
     # agree in sign with their cross product.
     image_axes = block[:, :2]
-    gram = torch.bmm(image_axes, image_axes.transpose(-1, -2)) / size.unsqueeze(-1).square()
-    distortion = (gram - const.eye2).abs().amax((-2, -1))
+    gram = image_axes @ image_axes.transpose(0, 2, 1) / (size * size)[..., None]
+    distortion = np.abs(gram - np.eye(2)).max((-2, -1))
     rigid = (distortion < _MAX_DISTORTION) & ((block[:, 2] * third).sum(-1) > 0)
-    ok = (visible.sum(-1) >= DLT_MIN_POINTS) & info.logical_not() & rigid & in_front & torch.isfinite(pose).all(-1)
-    pose = torch.where(ok[:, None], pose, 0.0)
-    return pose, ok
+    ok = solved & rigid & in_front & np.isfinite(pose).all(-1)
+    return np.where(ok[:, None], pose, 0.0), ok
 
 
-def _bilinear(left: Tensor, right: Tensor, rows: Tensor) -> Tensor:
+def _bilinear(left: np.ndarray, right: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """(B, L, 2, n): the rows (left ⊗ right) M of a system whose entries are bilinear in left and right."""
-    outer = (left[..., :, None] * right[..., None, :]).flatten(-2)
-    return (outer @ rows).view(*left.shape[:-1], 2, -1)
+    batch, count = left.shape[:2]
+    outer = (left[..., :, None] * right[..., None, :]).reshape(batch, count, -1)
+    return (outer @ rows).reshape(batch, count, 2, -1)
 
 
-def _translation_given_rotation(rotated: Tensor, rays: Tensor, weights: Tensor, rows: Tensor) -> Tensor:
+def _translation_given_rotation(rotated: np.ndarray, rays: np.ndarray, weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Least-squares t of x_i (r3·p_i + t_z) = r1·p_i + t_x (and y) for a fixed rotation.
 
     The DLT's translation absorbs the error of its scale, mostly along the
@@ -196,10 +206,14 @@ def _translation_given_rotation(rotated: Tensor, rays: Tensor, weights: Tensor, 
         rays: (B, L, 3) (1, x, y) with (x, y) the calibrated ray of each detection.
         weights: (B, L).
         rows: :func:`_translation_rows`.
+
+    Returns:
+        (B, 3) t, NaN where the system is singular.
     """
-    normal = _normal_matrix(_bilinear(rays, torch.constant_pad_nd(rotated, (1, 0), 1.0), rows), weights)
-    translation, _ = torch.linalg.solve_ex(normal[:, :3, :3], normal[:, :3, 3])
-    return translation
+    ones = np.ones(rotated.shape[:-1] + (1,))
+    normal = _normal_matrix(_bilinear(rays, np.concatenate([ones, rotated], axis=-1), rows), weights)
+    translation, solved = solve_definite(normal[:, :3, :3], normal[:, :3, 3])
+    return np.where(solved[:, None], translation, np.nan)
 
 
 def starting_poses(

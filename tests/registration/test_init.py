@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pelmark.registration import closed_form_pose
@@ -30,25 +31,23 @@ def test_closed_form_is_close_with_noise():
 def test_bilinear_rows_are_the_dlt_and_translation_rows():
     # Row by row, as the DLT is written on paper: (h, 0, -x n | x) and (0, h, -y n | y) with
     # h = (n, 1); for t given R, (1, 0, -x | x q_z - q_x) and (0, 1, -y | y q_z - q_y).
-    generator = torch.Generator().manual_seed(4)
-    ray = torch.randn(2, 5, 2, dtype=F64, generator=generator)
-    n = torch.randn(2, 5, 3, dtype=F64, generator=generator)
-    q = torch.randn(2, 5, 3, dtype=F64, generator=generator)
+    rng = np.random.default_rng(4)
+    ray, n, q = rng.standard_normal((2, 5, 2)), rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 3))
     x, y = ray[..., :1], ray[..., 1:]
-    h = torch.cat([n, torch.ones_like(x)], dim=-1)
-    zero4, one, zero = torch.zeros_like(h), torch.ones_like(x), torch.zeros_like(x)
-    rays = torch.cat([one, ray], dim=-1)
+    one, zero, zero4 = np.ones_like(x), np.zeros_like(x), np.zeros((2, 5, 4))
+    h = np.concatenate([n, one], axis=-1)
+    rays = np.concatenate([one, ray], axis=-1)
 
-    dlt = _bilinear(rays, h, _dlt_rows(F64, torch.device("cpu")))
-    torch.testing.assert_close(dlt[..., 0, :], torch.cat([h, zero4, -x * n, x], dim=-1), rtol=0, atol=0)
-    torch.testing.assert_close(dlt[..., 1, :], torch.cat([zero4, h, -y * n, y], dim=-1), rtol=0, atol=0)
+    dlt = _bilinear(rays, h, _dlt_rows())
+    np.testing.assert_array_equal(dlt[..., 0, :], np.concatenate([h, zero4, -x * n, x], axis=-1))
+    np.testing.assert_array_equal(dlt[..., 1, :], np.concatenate([zero4, h, -y * n, y], axis=-1))
 
-    rows = _bilinear(rays, torch.cat([one, q], dim=-1), _translation_rows(F64, torch.device("cpu")))
-    q_x, q_y, q_z = q.unbind(-1)
-    expected_x = torch.cat([one, zero, -x, (x[..., 0] * q_z - q_x)[..., None]], dim=-1)
-    expected_y = torch.cat([zero, one, -y, (y[..., 0] * q_z - q_y)[..., None]], dim=-1)
-    torch.testing.assert_close(rows[..., 0, :], expected_x, rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(rows[..., 1, :], expected_y, rtol=1e-15, atol=1e-15)
+    rows = _bilinear(rays, np.concatenate([one, q], axis=-1), _translation_rows())
+    q_x, q_y, q_z = q[..., 0], q[..., 1], q[..., 2]
+    expected_x = np.concatenate([one, zero, -x, (x[..., 0] * q_z - q_x)[..., None]], axis=-1)
+    expected_y = np.concatenate([zero, one, -y, (y[..., 0] * q_z - q_y)[..., None]], axis=-1)
+    np.testing.assert_allclose(rows[..., 0, :], expected_x, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(rows[..., 1, :], expected_y, rtol=1e-15, atol=1e-15)
 
 
 def test_closed_form_declines_too_few_points():
