@@ -249,6 +249,24 @@ def test_project_with_rotated_is_project_with_depth_bit_for_bit(dtype):
     assert torch.equal(rotated + pose[:, None, 3:], g.transform_points(pose, pts))
 
 
+def test_project_host_is_project_to_rounding():
+    # The registration's host solver projects through the NumPy twin: the same branches
+    # (Taylor at r = 0 and near it, past π, the depth clamp) and the same numbers to rounding.
+    cam = _camera()
+    pose = torch.from_numpy(g.sample_poses(6, 45.0, 50.0, np.random.default_rng(3)))
+    pose[0, :3] = 0.0
+    pose[1, :3] = 1e-5
+    pose[2, :3] = torch.tensor([0.0, 0.0, 3.0])
+    pose[3, 4] = 900.0  # behind the source
+    pts = _random_points(5, 10).expand(6, -1, -1)
+    pixels, depth, rotated = g.project_with_rotated(pts, pose, cam)
+    host_pixels, host_depth, host_rotated = g.project_host(pts.numpy(), pose.numpy(), cam)
+    torch.testing.assert_close(torch.from_numpy(host_pixels), pixels, rtol=1e-13, atol=1e-10)
+    torch.testing.assert_close(torch.from_numpy(host_depth), depth, rtol=1e-13, atol=1e-10)
+    torch.testing.assert_close(torch.from_numpy(host_rotated), rotated, rtol=1e-13, atol=1e-10)
+    assert (host_depth[3] < 0).all()
+
+
 def test_projection_gradcheck():
     cam = _camera()
     pose = torch.from_numpy(g.sample_poses(2, 40.0, 40.0, np.random.default_rng(8))).requires_grad_(True)

@@ -10,7 +10,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pelmark.geometry import Camera, nominal_rotation, project, rodrigues, rotation_to_rotvec, sample_poses
+from pelmark.geometry import (
+    Camera,
+    nominal_rotation,
+    project,
+    rodrigues,
+    rodrigues_host,
+    rotation_to_rotvec,
+    rotation_to_rotvec_host,
+    sample_poses,
+)
 
 
 def _axes(n: int, seed: int) -> torch.Tensor:
@@ -80,3 +89,14 @@ def test_pa_poses_register_on_cuda():
     assert float((reprojected - landmarks.cuda()).norm(dim=-1).max()) < 1e-3
     robust = register_robust(landmarks.cuda(), weights, points.cuda(), camera)
     assert robust.inliers.is_cuda and bool(robust.inliers.all())
+
+
+@settings(max_examples=100, deadline=None)
+@given(axis=unit_axes, angle=st.one_of(st.floats(0.0, 1e-5), st.floats(0.0, math.pi), st.floats(math.pi - 1e-3, math.pi)))
+def test_host_twin_agrees_everywhere(axis, angle):
+    # The registration's host solver converts its closed-form rotation with the NumPy twin.
+    matrix = rodrigues((axis * angle)[None])
+    theirs = rotation_to_rotvec(matrix)
+    ours = torch.from_numpy(rotation_to_rotvec_host(matrix.numpy()))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.from_numpy(rodrigues_host(ours.numpy())), rodrigues(theirs), rtol=0, atol=1e-14)

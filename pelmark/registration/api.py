@@ -14,9 +14,8 @@ from pelmark.geometry import Camera, project_host
 from pelmark.registration import host
 from pelmark.registration.checks import Problem, prepare, solution_reason
 from pelmark.registration.implicit import ImplicitPose
-from pelmark.registration.init import initial_pose, starting_poses
+from pelmark.registration.init import initial_pose, starting_poses_host
 from pelmark.registration.lm import solve_lm_host
-from pelmark.registration.objective import wrap_rotation
 from pelmark.registration.options import Init, RegistrationSettings, Solver
 from pelmark.registration.result import RegistrationResult
 from pelmark.registration.threads import small_problem_threads
@@ -74,10 +73,7 @@ def register(
         inputs = (problem.landmarks_px, problem.weights, problem.points_world_mm)
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
         if kind is Solver.LM:
-            starts = starting_poses(init, *detached, camera)
-            if isinstance(init, Tensor):  # any Rodrigues vector: LM starts from |r| ≤ π, the same rotation
-                starts = wrap_rotation(starts)
-            solved = _run_lm(problem, detached, camera, starts, settings, needs_grad)
+            solved = _run_lm(problem, detached, camera, init, settings, needs_grad)
         else:
             start = initial_pose(init, *detached, camera, settings.min_depth_mm)
             solved = _run_unrolled(kind, problem, camera, start, settings, needs_grad)
@@ -117,18 +113,22 @@ def _run_lm(
     problem: Problem,
     detached: tuple[Tensor, Tensor, Tensor],
     camera: Camera,
-    starts: Tensor,
+    init: Init | str | Tensor,
     settings: RegistrationSettings,
     needs_grad: bool,
 ) -> _Solved:
-    """Solve to convergence on the host, without a graph; attach the implicit backward if needed.
+    """Start and solve to convergence on the host, without a graph; attach the implicit backward if needed.
 
-    ``detached`` holds the problem's landmarks, weights and points detached from the graph.
+    ``detached`` holds the problem's landmarks, weights and points detached from the graph. On a
+    GPU the problem crosses to the host once and the solution comes back once.
     """
     device = problem.landmarks_px.device
     landmarks, weights, points = (host.to_host(x) for x in detached)
     kept, known = host.to_host(problem.keep), host.to_host(problem.reason)
-    state = solve_lm_host(landmarks, weights, points, host.to_host(starts), kept, camera, settings.lm, settings.min_depth_mm)
+    starts = starting_poses_host(init, landmarks, weights, points, camera)
+    if isinstance(init, Tensor):  # any Rodrigues vector: LM starts from |r| ≤ π, the same rotation
+        starts = host.wrap_rotation(starts[0])[None]
+    state = solve_lm_host(landmarks, weights, points, starts, kept, camera, settings.lm, settings.min_depth_mm)
     found = solution_reason(state.depth_mm, weights, state.gauss_newton, state.pose, settings)
     # A solved sample had no bit before solving.
     reason = np.where(kept, found, known)

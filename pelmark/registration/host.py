@@ -1,24 +1,27 @@
-"""The Levenberg-Marquardt solver's arithmetic in NumPy float64, on the host.
+"""The registration layer's arithmetic in NumPy float64, on the host.
 
-The solve needs no gradient (see :mod:`pelmark.registration.implicit`) and works on
-a few hundred numbers per batch, so its cost is the number of calls, not their
-arithmetic: about 600 per solve. A NumPy call on arrays this small costs a
-fraction of a torch call (no dispatcher, no autograd or device checks), so the
-solver runs here whatever the inputs' device: on a CPU it is the cheaper
-interpreter, and on a GPU it replaces hundreds of tiny kernel launches and a host
-read per iteration with one copy each way.
+The LM solve, its closed-form start, the checks at the solution and the
+implicit backward need no autograd (see :mod:`pelmark.registration.implicit`),
+and each works on a few hundred numbers per batch, so their cost is the number
+of calls, not their arithmetic: about a thousand per forward and backward. A
+NumPy call on arrays this small costs less than a torch dispatch, so this
+arithmetic runs here whatever the inputs' device. On a CPU that is the cheaper
+interpreter; on a GPU it replaces about a thousand tiny kernel launches and a
+host read per LM iteration with one copy of the problem each way.
 
-Each function is the NumPy twin of a torch function, with the same formulas in
-the same order; the tests check each against its twin:
+The formulas are those of the torch functions in
+:mod:`pelmark.registration.objective`, which the tests check these against, and
+against autograd through :func:`pelmark.geometry.project`:
 
-* :func:`evaluate`: :func:`pelmark.registration.objective.normal_system` of
-  :func:`~pelmark.registration.objective.linearise` (projection through
-  :func:`pelmark.geometry.project_host`);
-* :func:`retract`: :func:`pelmark.registration.objective.retract`;
-* :func:`wrap_rotation`: :func:`pelmark.registration.objective.wrap_rotation`.
+* :func:`linearise` and :func:`moving_rows`: their torch namesakes (projection
+  through :func:`pelmark.geometry.project_host`);
+* :func:`evaluate`: [J | -e]ᵀ W [J | -e], the normal equations and the cost in one product;
+* :func:`retract` and :func:`wrap_rotation`: moves in the chart δ = (ω, τ);
+* :func:`implicit_vjp` and :func:`chart_hessian`: the implicit backward.
 
-The torch functions stay the reference: the implicit backward and the unrolled
-solvers use them on the inputs' device, and autograd checks them.
+Two linear-algebra steps (:func:`solve_definite`, :func:`solve_general`) go
+through torch on the same memory: its batched factorisations report a failure
+per matrix where NumPy's raise for the whole batch.
 """
 
 from __future__ import annotations
@@ -200,15 +203,17 @@ def cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a[..., [1, 2, 0]] * b[..., [2, 0, 1]] - a[..., [2, 0, 1]] * b[..., [1, 2, 0]]
 
 
-def retract(pose: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """θ moved by a chart step δ = (ω, τ): (r + J_l(r)⁻¹ ω, t + τ).
+def left_jacobian_inverse_apply(rotvec: np.ndarray, vectors: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """J_l(r)⁻¹ v = v - ½ r × v + d r × (r × v) (or J_l⁻ᵀ v, with +½) for r, v (B, 3), with
+    d = (1 - (θ/2) cot(θ/2))/θ² (its series below |r|² = 1e-6)."""
+    r_cross = cross(rotvec, vectors)
+    half = 0.5 if transpose else -0.5
+    return vectors + half * r_cross + _inverse_coefficient(rotvec)[:, None] * cross(rotvec, r_cross)
 
-    J_l⁻¹ ω = ω - ½ r × ω + d r × (r × ω), d = (1 - (θ/2) cot(θ/2))/θ², its series below
-    |r|² = 1e-6.
-    """
-    rotvec, omega = pose[:, :3], step[:, :3]
-    r_cross = cross(rotvec, omega)
-    moved = omega - 0.5 * r_cross + _inverse_coefficient(rotvec)[:, None] * cross(rotvec, r_cross)
+
+def retract(pose: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """θ moved by a chart step δ = (ω, τ): (r + J_l(r)⁻¹ ω, t + τ), exact to first order."""
+    moved = left_jacobian_inverse_apply(pose[:, :3], step[:, :3])
     return pose + np.concatenate([moved, step[:, 3:]], axis=-1)
 
 
@@ -253,20 +258,12 @@ def implicit_vjp(
     const = _constants()
     lin = linearise(points_world_mm, solution, camera, min_depth_mm)
     residual = lin.pixels - landmarks_px
-    # The projection's curvature along the residual and the residual's force, both linear in
-    # (e_f, e_o) = (e_u fx/Z, e_v fy/Z, e_u (u - cx)/Z + e_v (v - cy)/Z): see implicit._residual_terms.
-    e_f = residual * lin.focal_per_depth
-    e_o = (residual * lin.offset_per_depth).sum(-1, keepdims=True)
-    terms = np.concatenate([e_f, e_o], axis=-1)
-    curvature = terms * (lin.unclamped_inverse_depth * const.curvature_scale)
-    phi = terms @ const.force_map
+    curvature, phi = residual_terms(lin, residual)
     hessian = chart_hessian(lin, weights, curvature, phi)
 
     # Aᵀ ∂L/∂θ with A = ∂θ/∂δ = diag(J_l⁻¹, I): J_l⁻ᵀ ω = ω + ½ r × ω + d r × (r × ω).
-    rotvec, grad_rotation = solution[:, :3], grad_pose[:, :3]
-    r_cross = cross(rotvec, grad_rotation)
-    rhs_rotation = grad_rotation + 0.5 * r_cross + _inverse_coefficient(rotvec)[:, None] * cross(rotvec, r_cross)
-    rhs = np.concatenate([rhs_rotation, grad_pose[:, 3:]], axis=-1)
+    rotvec = solution[:, :3]
+    rhs = np.concatenate([left_jacobian_inverse_apply(rotvec, grad_pose[:, :3], transpose=True), grad_pose[:, 3:]], -1)
     u, solved = solve_general(np.where(keep[:, None, None], hessian, np.eye(6)), rhs)
     ok = keep & solved & np.isfinite(u).all(-1)
 
@@ -297,9 +294,49 @@ def implicit_vjp(
     )
 
 
+def residual_terms(lin: Linearisation, residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The projection's curvature along the residual and the residual's force, each (B, L, 3).
+
+    Both are linear in (e_f, e_o) = (e_u fx/Z, e_v fy/Z, e_u (u - cx)/Z + e_v (v - cy)/Z),
+    the last 0 where the depth clamp is active, so they share its two products:
+
+    * (xz, yz, zz) = (-e_f, 2 e_o)/Z (0 where clamped), the non-zero entries of
+      M = Σ_k e_k ∇²_X π_k = [[0, 0, xz], [0, 0, yz], [xz, yz, zz]] in camera
+      coordinates (xz = -e_u fx/Z², yz = -e_v fy/Z², zz = 2 (e_u fx X + e_v fy Y)/Z³);
+    * φ = (∂π/∂p')ᵀ e = R_APᵀ (∂π/∂X_cam)ᵀ e = R_APᵀ (e_f, -e_o), the residual pulled back
+      to the moved point (rows of ∂π/∂X_cam: (fx/Z, 0, -(u - cx)/Z), (0, fy/Z, -(v - cy)/Z)).
+
+    Args:
+        lin: the linearisation at the solution.
+        residual: (B, L, 2) π(θ*) - l.
+    """
+    const = _constants()
+    e_f = residual * lin.focal_per_depth
+    e_o = (residual * lin.offset_per_depth).sum(-1, keepdims=True)
+    terms = np.concatenate([e_f, e_o], axis=-1)
+    return terms * (lin.unclamped_inverse_depth * const.curvature_scale), terms @ const.force_map
+
+
 def chart_hessian(lin: Linearisation, weights: np.ndarray, curvature: np.ndarray, phi: np.ndarray) -> np.ndarray:
-    """Exact Hessian (B, 6, 6) of ½ Σ w |e|² in the chart δ = (ω, τ): the twin of
-    :func:`pelmark.registration.implicit.chart_hessian` (see there for the formula)."""
+    """Exact Hessian (B, 6, 6) of ½ Σ w |e|² in the local chart δ = (ω, τ).
+
+    H = Σ_i w_i [J_iᵀ J_i + G_iᵀ M_i G_i] + (rotation block) ½(S + Sᵀ) - tr(S) I,
+    with G = dX_cam/dδ, M the projection curvature and S = Σ w φ qᵀ.
+
+    G = dX_cam/dδ = R_AP [-[q]× | I] (B, L, 3, 6): row m is (q × R_AP[m], R_AP[m]), linear in
+    R_AP[m]. Gᵀ M G = a ⊗ G_z + G_z ⊗ a with a = xz G_x + yz G_y + ½ zz G_z, so a is the row of
+    c = xz R_AP[0] + yz R_AP[1] + ½ zz R_AP[2]; a and G_z come from one product (moving_rows).
+    All of H but the trace term is then one product Σ_i w_i Σ_rows x ⊗ y over rows per
+    landmark: J_u ⊗ J_u + J_v ⊗ J_v (Gauss-Newton), a ⊗ G_z + G_z ⊗ a (projection curvature)
+    and ½(φ ⊗ q + q ⊗ φ) in the rotation block, the symmetric part of S. The rows x are
+    (J_u, J_v, a, G_z, ½(φ, 0), ½(q, 0)) and the rows y the same without the halves and with
+    each pair but J's swapped.
+
+    Args:
+        lin: the linearisation at θ*.
+        weights: (B, L).
+        curvature: (B, L, 3) and phi (B, L, 3): :func:`residual_terms`.
+    """
     const = _constants()
     q = lin.rotated_mm
     batch, count = weights.shape

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from pelmark.errors import PelmarkError
 from pelmark.geometry import Camera, nominal_extrinsic, project, rotation_to_rotvec_host
+from pelmark.registration import host
 from pelmark.registration.host import cross, solve_definite
 from pelmark.registration.objective import weighted_cost
 from pelmark.registration.options import Init
@@ -232,26 +233,37 @@ def starting_poses(
     Raises:
         PelmarkError: for a pose tensor of the wrong shape or an unknown name.
     """
+    arrays = (host.to_host(x) for x in (landmarks_px, weights, points_world_mm))
+    return torch.from_numpy(starting_poses_host(init, *arrays, camera)).to(landmarks_px.device)
+
+
+def starting_poses_host(
+    init: Init | str | Tensor,
+    landmarks_px: np.ndarray,
+    weights: np.ndarray,
+    points_world_mm: np.ndarray,
+    camera: Camera,
+) -> np.ndarray:
+    """:func:`starting_poses` on host arrays (float64), as a float64 array."""
     batch = landmarks_px.shape[0]
-    dtype, device = torch.float64, landmarks_px.device
     if isinstance(init, Tensor):
         if tuple(init.shape) != (batch, 6):
             raise PelmarkError(f"init pose must have shape ({batch}, 6), got {tuple(init.shape)}")
-        if not bool(torch.isfinite(init).all()):
+        start = host.to_host(init)
+        if not np.isfinite(start).all():
             raise PelmarkError("init pose must be finite")
-        return init.detach().to(dtype=dtype, device=device)[None]
+        return start[None]
     try:
         kind = Init(init)
     except ValueError as error:
         raise PelmarkError(f"unknown init {init!r}; use one of {[i.value for i in Init]} or a (B, 6) pose") from error
-    identity = torch.zeros(1, batch, 6, dtype=dtype, device=device)
+    identity = np.zeros((1, batch, 6))
     if kind is Init.IDENTITY:
         return identity
-    # Inference mode: no graph, and less bookkeeping per kernel; the cat after it makes an
-    # ordinary tensor of the result.
-    with torch.inference_mode():
-        closed, _ = closed_form_pose(landmarks_px, weights, points_world_mm, camera)
-    return torch.cat([closed[None], identity])
+    # A sample without a usable system gives NaN on the way (0/0), which ok masks, as in torch.
+    with np.errstate(all="ignore"):
+        closed, _ = closed_form_host(landmarks_px, weights, points_world_mm, camera)
+    return np.concatenate([closed[None], identity])
 
 
 def initial_pose(

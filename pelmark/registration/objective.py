@@ -22,19 +22,20 @@ Local chart. For the motion R = exp([ω]×) R(r), t + τ the Jacobian is simply
 the retraction r + J_l(r)⁻¹ ω, which has the same first-order model (so the
 same convergence) and saves applying J_l to every landmark's Jacobian.
 
-Kernels. The solver evaluates all of this a few times per batch on tensors of a
-few hundred numbers, where each kernel's dispatch costs more than its
-arithmetic, so the code is written for few kernels: a row (q × c, c) of the
-chart Jacobian is bilinear in per-landmark coefficients s and (q, 1), and all
-rows come from one product with a constant (:func:`moving_rows`), and JᵀWJ,
-JᵀWe and the cost from one batched product (:func:`normal_system`).
+Roles. These torch functions are the differentiable form of the cost and its
+derivatives: autograd checks them, the paper's unrolled solvers differentiate
+:func:`weighted_cost`, and the LM solver's NumPy twins in
+:mod:`pelmark.registration.host` (which do the arithmetic of every solve and of
+the implicit backward) are tested against them. Both are written for few
+calls: a row (q × c, c) of the chart Jacobian is bilinear in per-landmark
+coefficients s and (q, 1), so all rows come from one product with a constant
+(:func:`moving_rows`, :func:`row_maps`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import torch
@@ -141,16 +142,6 @@ def _left_jacobian_coefficients(rotvec: Tensor) -> tuple[Tensor, Tensor]:
     return b, c
 
 
-def _inverse_coefficient(rotvec: Tensor) -> Tensor:
-    """d = (1 - (θ/2) cot(θ/2))/θ² of J_l⁻¹ = I - ½K + dK², finite at θ = 0."""
-    theta2 = (rotvec * rotvec).sum(-1)
-    small = theta2 < _SMALL_ANGLE2
-    # Where the series is used the closed form only has to stay finite: one clamp, not a where.
-    theta2_safe = theta2.clamp_min(_SMALL_ANGLE2)
-    half = theta2_safe.sqrt() / 2.0
-    return torch.where(small, theta2 / 720.0 + 1.0 / 12.0, torch.rsub(half / torch.tan(half), 1.0) / theta2_safe)
-
-
 def left_jacobian_transpose_apply(rotvec: Tensor, vectors: Tensor) -> Tensor:
     """J_l(r)ᵀ v = v - b r × v + c r × (r × v) for v (B, ..., 3), r (B, 3)."""
     b, c = _left_jacobian_coefficients(rotvec)
@@ -159,21 +150,6 @@ def left_jacobian_transpose_apply(rotvec: Tensor, vectors: Tensor) -> Tensor:
     r_cross = torch.linalg.cross(r, vectors, dim=-1)
     r_cross2 = torch.linalg.cross(r, r_cross, dim=-1)
     return vectors - b.reshape(*shape, 1) * r_cross + c.reshape(*shape, 1) * r_cross2
-
-
-def left_jacobian_inverse_apply(rotvec: Tensor, vectors: Tensor, transpose: bool = False) -> Tensor:
-    """J_l(r)⁻¹ v = v - ½ r × v + d r × (r × v) (or J_l⁻ᵀ v, with +½) for r, v (B, 3)."""
-    d = _inverse_coefficient(rotvec)
-    r_cross = torch.linalg.cross(rotvec, vectors, dim=-1)
-    half = 0.5 if transpose else -0.5
-    r_cross2 = torch.linalg.cross(rotvec, r_cross, dim=-1)
-    return torch.addcmul(torch.add(vectors, r_cross, alpha=half), d.unsqueeze(-1), r_cross2)
-
-
-def retract(pose: Pose, step: Tensor) -> Pose:
-    """θ moved by a chart step δ = (ω, τ): (r + J_l(r)⁻¹ ω, t + τ), exact to first order."""
-    omega, tau = step.narrow(-1, 0, 3), step.narrow(-1, 3, 3)
-    return pose + torch.cat([left_jacobian_inverse_apply(pose.narrow(-1, 0, 3), omega), tau], dim=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,13 +259,6 @@ def weighted_cost(residual_px: Tensor, weights: Weights) -> Tensor:
     return (weights * residual_px.square().sum(-1)).sum(-1)
 
 
-def rms_residual_px(residual_px: Tensor, weights: Weights) -> Tensor:
-    """Weighted RMS reprojection error per sample, sqrt(Σ w |e|² / Σ w); 0 where Σ w = 0."""
-    total = weights.sum(-1)
-    mean_square = weighted_cost(residual_px, weights) / total.clamp_min(torch.finfo(total.dtype).tiny)
-    return torch.where(total > 0, mean_square, torch.zeros_like(mean_square)).sqrt()
-
-
 def normal_equations(jacobian: Tensor, residual_px: Tensor, weights: Weights) -> tuple[Tensor, Tensor]:
     """Gauss-Newton matrix JᵀWJ (B, 6, 6) and half-gradient JᵀWe (B, 6) of the cost."""
     weighted = (jacobian * weights[..., None, None]).flatten(1, 2).transpose(-1, -2)  # (B, 6, 2L)
@@ -297,17 +266,6 @@ def normal_equations(jacobian: Tensor, residual_px: Tensor, weights: Weights) ->
     hessian = weighted @ jacobian.flatten(1, 2)
     gradient = (weighted @ residual_px.flatten(1, 2)[..., None])[..., 0]
     return hessian, gradient
-
-
-def normal_system(lin: Linearisation, residual_px: Tensor, weights: Weights) -> Tensor:
-    """[J | e]ᵀ W [J | e] (B, 7, 7) in the chart, one batched product.
-
-    It holds JᵀWJ (its top-left 6x6 block), JᵀWe (the first six entries of its last
-    column) and the cost eᵀWe (its last entry), so a solver keeps all three in one tensor.
-    """
-    augmented = torch.cat([lin.jacobian, residual_px.unsqueeze(-1)], dim=-1)  # (B, L, 2, 7)
-    weighted = (augmented * weights.view(*weights.shape, 1, 1)).flatten(1, 2)
-    return torch.bmm(weighted.transpose(-1, -2), augmented.flatten(1, 2))
 
 
 def cost_gradient(
@@ -327,12 +285,3 @@ def cost_gradient(
     pixels, _, jacobian = project_with_jacobian(points_world_mm, pose, camera, min_depth_mm)
     _, gradient = normal_equations(jacobian, pixels - landmarks_px, weights)
     return gradient
-
-
-def wrap_rotation(pose: Pose) -> Pose:
-    """The same rigid motions with |r| ≤ π: r ↦ r (|r| - 2π k)/|r| leaves R(r) unchanged."""
-    rotvec = pose[..., :3]
-    angle = torch.linalg.vector_norm(rotvec, dim=-1, keepdim=True)
-    wrapped = torch.remainder(angle + math.pi, 2.0 * math.pi) - math.pi
-    scale = torch.where(angle > math.pi, wrapped / angle.clamp_min(math.pi), torch.ones_like(angle))
-    return torch.cat([rotvec * scale, pose[..., 3:]], dim=-1)

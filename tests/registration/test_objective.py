@@ -8,20 +8,16 @@ import torch
 from torch.func import jacrev, vmap
 
 from pelmark import geometry as g
-from pelmark.registration.implicit import chart_hessian
+from pelmark.registration import host
 from pelmark.registration.objective import (
     chart_jacobian,
-    left_jacobian_inverse_apply,
     left_jacobian_transpose_apply,
     linearise,
     moving_rows,
     normal_equations,
-    normal_system,
     project_with_jacobian,
-    retract,
     row_maps,
     weighted_cost,
-    wrap_rotation,
 )
 
 from ._problems import F64, make_problem
@@ -75,8 +71,8 @@ def test_chart_hessian_is_the_exact_hessian():
         error = g.project(problem.points_world_mm[b : b + 1], moved[None], problem.camera) - problem.landmarks_px[b]
         return 0.5 * (weights[b] * error.square().sum(-1)).sum()
 
+    hessian = torch.from_numpy(_host_hessian(problem, pose, weights))
     lin = linearise(problem.points_world_mm, pose, problem.camera, 1e-3)
-    hessian = chart_hessian(lin, lin.pixels - problem.landmarks_px, weights)
     for b in range(3):
         reference = torch.autograd.functional.hessian(lambda d: half_cost(d, b), torch.zeros(6, dtype=F64))
         scale = reference.abs().max()
@@ -114,30 +110,60 @@ def test_moving_rows_are_the_cross_product_rows():
     torch.testing.assert_close(rows, expected, rtol=1e-14, atol=1e-12)
 
 
-def test_normal_system_holds_gauss_newton_gradient_and_cost():
+def _host_hessian(problem, pose, weights):
+    """host.chart_hessian at ``pose``, with its residual terms as host.implicit_vjp forms them."""
+    lin = host.linearise(problem.points_world_mm.numpy(), pose.numpy(), problem.camera, 1e-3)
+    residual = lin.pixels - problem.landmarks_px.numpy()
+    curvature, phi = host.residual_terms(lin, residual)
+    return host.chart_hessian(lin, weights.numpy(), curvature, phi)
+
+
+def test_host_linearisation_is_the_torch_one():
+    problem = make_problem(4, seed=7)
+    pose = _poses_with_small_angles(4, seed=7)
+    ours = host.linearise(problem.points_world_mm.numpy(), pose.numpy(), problem.camera, 1e-3)
+    theirs = linearise(problem.points_world_mm, pose, problem.camera, 1e-3)
+    for field in theirs.__dataclass_fields__:
+        reference = getattr(theirs, field)
+        scale = reference.abs().max()
+        torch.testing.assert_close(torch.from_numpy(getattr(ours, field)) / scale, reference / scale, rtol=0, atol=1e-14)
+
+
+def test_host_system_holds_gauss_newton_gradient_and_cost():
     problem = make_problem(4, seed=6, noise_px=3.0)
     weights = torch.rand(4, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
+    system, pixels, depth = host.evaluate(
+        problem.landmarks_px.numpy(),
+        host.weight_rows(weights.numpy()),
+        problem.points_world_mm.numpy(),
+        problem.camera,
+        problem.pose_true.numpy(),
+        1e-3,
+    )
+    system = torch.from_numpy(system)
     lin = linearise(problem.points_world_mm, problem.pose_true, problem.camera, 1e-3)
     residual = lin.pixels - problem.landmarks_px
-    system = normal_system(lin, residual, weights)
     hessian, gradient = normal_equations(chart_jacobian(lin), residual, weights)
     assert system.shape == (4, 7, 7)
     torch.testing.assert_close(system[:, :6, :6], hessian)
-    torch.testing.assert_close(system[:, :6, 6], gradient)
-    torch.testing.assert_close(system[:, 6, :6], gradient)
+    torch.testing.assert_close(system[:, :6, 6], -gradient)  # it holds -JᵀWe: the descent direction
+    torch.testing.assert_close(system[:, 6, :6], -gradient)
     torch.testing.assert_close(system[:, 6, 6], weighted_cost(residual, weights))
+    torch.testing.assert_close(torch.from_numpy(pixels), lin.pixels, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.from_numpy(depth), lin.depth_mm, rtol=0, atol=1e-10)
 
 
 def test_left_jacobian_inverse_and_transpose():
     rotvec = _poses_with_small_angles(5, seed=3)[:, :3]
     v = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
     # J_l⁻ᵀ J_lᵀ v = v and J_l J_l⁻¹ v = v.
-    torch.testing.assert_close(
-        left_jacobian_inverse_apply(rotvec, left_jacobian_transpose_apply(rotvec, v), transpose=True), v
-    )
+    def inverse(vectors, transpose=False):
+        return torch.from_numpy(host.left_jacobian_inverse_apply(rotvec.numpy(), vectors.numpy(), transpose))
+
+    torch.testing.assert_close(inverse(left_jacobian_transpose_apply(rotvec, v), transpose=True), v)
     columns = [left_jacobian_transpose_apply(rotvec, e.expand(5, 3)) for e in torch.eye(3, dtype=F64)]
     jl = torch.stack(columns, dim=-2)  # row k of J_l is J_lᵀ e_k
-    torch.testing.assert_close((jl @ left_jacobian_inverse_apply(rotvec, v)[..., None])[..., 0], v)
+    torch.testing.assert_close((jl @ inverse(v)[..., None])[..., 0], v)
     # J_l δ is the rotation increment: R(r + ε δ) ≈ exp(ε [J_l δ]×) R(r).
     eps = 1e-6
     increment = g.rodrigues(rotvec + eps * v) @ g.rodrigues(rotvec).transpose(-1, -2)
@@ -148,7 +174,7 @@ def test_left_jacobian_inverse_and_transpose():
 def test_retract_follows_the_left_perturbation_to_first_order():
     pose = _poses_with_small_angles(4, seed=4)
     step = 1e-6 * torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
-    moved = retract(pose, step)
+    moved = torch.from_numpy(host.retract(pose.numpy(), step.numpy()))
     expected = g.rodrigues(step[:, :3]) @ g.rodrigues(pose[:, :3])
     error = (g.rodrigues(moved[:, :3]) - expected).abs().max()
     assert error < 1e-10  # second order in |ω| = 1e-6
@@ -157,10 +183,10 @@ def test_retract_follows_the_left_perturbation_to_first_order():
 def test_wrap_rotation_keeps_the_rotation():
     axis = torch.tensor([[0.6, 0.0, 0.8]], dtype=F64)
     pose = torch.cat([axis * 1.5 * math.pi, torch.tensor([[1.0, 2.0, 3.0]], dtype=F64)], dim=-1)
-    wrapped = wrap_rotation(pose)
+    wrapped = torch.from_numpy(host.wrap_rotation(pose.numpy()))
     # 1.5π about a = 0.5π about -a; translation untouched.
     torch.testing.assert_close(wrapped[:, :3], -axis * 0.5 * math.pi)
     torch.testing.assert_close(g.rodrigues(wrapped[:, :3]), g.rodrigues(pose[:, :3]))
     torch.testing.assert_close(wrapped[:, 3:], pose[:, 3:])
     small = torch.tensor([[0.1, 0.2, 0.3, 4.0, 5.0, 6.0]], dtype=F64)
-    torch.testing.assert_close(wrap_rotation(small), small)
+    torch.testing.assert_close(torch.from_numpy(host.wrap_rotation(small.numpy())), small)
