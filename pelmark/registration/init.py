@@ -195,7 +195,9 @@ def _bilinear(left: np.ndarray, right: np.ndarray, rows: np.ndarray) -> np.ndarr
     return (outer @ rows).reshape(batch, count, 2, -1)
 
 
-def _translation_given_rotation(rotated: np.ndarray, rays: np.ndarray, weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def _translation_given_rotation(
+    rotated: np.ndarray, rays: np.ndarray, weights: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
     """Least-squares t of x_i (r3·p_i + t_z) = r1·p_i + t_x (and y) for a fixed rotation.
 
     The DLT's translation absorbs the error of its scale, mostly along the

@@ -78,7 +78,7 @@ def solve_lm(
         starts: (B, 6) starting poses, or (K, B, 6) candidates of which each
             sample starts from the one with the lowest cost (the candidates are
             evaluated in one batched call, which costs about as much as one),
-            all with |r| ≤ π (see :func:`~pelmark.registration.objective.wrap_rotation`).
+            all with |r| ≤ π (see :func:`~pelmark.registration.host.wrap_rotation`).
         active: (B,) samples to solve; the others keep their start.
         settings: stopping rules.
         min_depth_mm: depth clamp.
@@ -87,9 +87,8 @@ def solve_lm(
         The final :class:`LMState`, as tensors on the inputs' device (no gradient).
     """
     device = landmarks_px.device
-    state = solve_lm_host(
-        *(host.to_host(x) for x in (landmarks_px, weights, points_world_mm, starts, active)), camera, settings, min_depth_mm
-    )
+    arrays = (host.to_host(x) for x in (landmarks_px, weights, points_world_mm, starts, active))
+    state = solve_lm_host(*arrays, camera, settings, min_depth_mm)
     return LMState(**{field: torch.from_numpy(value).to(device) for field, value in state._asdict().items()})
 
 
@@ -122,9 +121,8 @@ def solve_lm_host(
     # solve, as it is silently in torch: NumPy is told not to warn.
     with np.errstate(all="ignore"):
         evaluated = _best_start(landmarks_px, weights, points_world_mm, camera, starts, min_depth_mm)
-        return _iterate(
-            landmarks_px, weights, host.weight_rows(weights), points_world_mm, camera, *evaluated, active, settings, min_depth_mm
-        )
+        rows = host.weight_rows(weights)
+        return _iterate(landmarks_px, weights, rows, points_world_mm, camera, *evaluated, active, settings, min_depth_mm)
 
 
 def _best_start(
