@@ -36,7 +36,7 @@ import torch
 from pelmark.geometry import R_AP, Camera, project_host, rodrigues_host
 from pelmark.registration.objective import row_maps
 
-# Below this |r|² J_l⁻¹'s coefficient uses its series (as objective._inverse_coefficient).
+# Below this |r|² J_l⁻¹'s coefficient uses its series (objective's J_l coefficients use the same threshold).
 _SMALL_ANGLE2 = 1e-6
 
 
@@ -44,8 +44,8 @@ class _Constants(NamedTuple):
     jacobian_rows: np.ndarray  # (16, 12): objective.row_maps' map for J_δ
     curvature_rows: np.ndarray  # (16, 12): its map for the rows a and G_z of the Hessian
     r_ap: np.ndarray  # (3, 3) geometry.R_AP
-    curvature_scale: np.ndarray  # (-1, -1, 2): see implicit_vjp
-    force_map: np.ndarray  # diag(1, 1, -1) R_AP: see implicit_vjp
+    curvature_scale: np.ndarray  # (-1, -1, 2): see residual_terms
+    force_map: np.ndarray  # diag(1, 1, -1) R_AP: see residual_terms
     pair_scale: np.ndarray  # (6, 1): ½ on the φ and q rows of the Hessian's product
     partner: np.ndarray  # the row each Hessian row is multiplied with
 

@@ -94,7 +94,7 @@ def row_maps(dtype: torch.dtype, device: torch.device) -> RowMaps:
             ]
         )
         # a has c = xz R_AP[0] + yz R_AP[1] + ½ zz R_AP[2] and G_z has c = R_AP[2] (see
-        # implicit.chart_hessian).
+        # host.chart_hessian).
         curvature = torch.stack(
             [
                 torch.stack([r_ap[0], zero]),
