@@ -212,9 +212,19 @@ def _iterate(
             if not active.any():
                 break
 
-        trial_system, trial_pixels, trial_depth = host.evaluate(
-            landmarks_px, weight_rows, points_world_mm, camera, trial, min_depth_mm
-        )
+        index = np.flatnonzero(active)
+        if len(index) * 2 > batch:
+            trial_system, trial_pixels, trial_depth = host.evaluate(
+                landmarks_px, weight_rows, points_world_mm, camera, trial, min_depth_mm
+            )
+        else:
+            # Most samples have stopped (RANSAC's many short solves): evaluate only the others. The
+            # stopped rows keep their values, which the acceptance test below leaves alone.
+            evaluated = host.evaluate(
+                landmarks_px[index], weight_rows[index], points_world_mm[index], camera, trial[index], min_depth_mm
+            )
+            trial_system, trial_pixels, trial_depth = system.copy(), pixels.copy(), depth.copy()
+            trial_system[index], trial_pixels[index], trial_depth[index] = evaluated
         # Near the minimum the cost changes by less than its own rounding error,
         # so a step that does not raise it beyond that error counts as a descent:
         # rejecting it would only inflate λ and stop short of the minimum.

@@ -127,3 +127,23 @@ def test_no_solver_modifies_its_inputs(solver):
     register_robust(landmarks, weights, points, problem.camera)
     for tensor, copy in zip((landmarks, weights, points, start), before):
         assert torch.equal(tensor.detach(), copy)
+
+
+def test_a_sample_is_solved_alike_whatever_else_is_in_its_batch():
+    # Once most of a batch has stopped, the solver evaluates only the samples still running
+    # (RANSAC's many short solves); that shortcut must not change any sample's solve.
+    from pelmark.registration.init import starting_poses
+    from pelmark.registration.lm import solve_lm
+
+    problem = make_problem(12, seed=70, noise_px=8.0)
+    args = (problem.landmarks_px, problem.weights, problem.points_world_mm)
+    starts = starting_poses("identity", *args, problem.camera)  # far starts: the solves differ in length
+    settings = RegistrationSettings()
+    together = solve_lm(*args, problem.camera, starts, torch.ones(12, dtype=torch.bool), settings.lm, 1e-3)
+    # Samples stop at different rounds, and in the last ones at most half the batch is still running.
+    assert int(together.iterations.sort().values[5]) < int(together.iterations.max())
+    for k in range(12):
+        one = (x[k : k + 1] for x in args)
+        alone = solve_lm(*one, problem.camera, starts[:, k : k + 1], torch.ones(1, dtype=torch.bool), settings.lm, 1e-3)
+        for field in ("pose", "cost", "gauss_newton", "pixels", "depth_mm", "iterations", "converged"):
+            torch.testing.assert_close(getattr(alone, field)[0], getattr(together, field)[k], rtol=0, atol=1e-9)
