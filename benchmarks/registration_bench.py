@@ -5,6 +5,9 @@ backward) with the paper's unrolled optimisers: Adam (100 iterations, lr 1e-3,
 from the identity) and L-BFGS (from the identity, at most 100 iterations with
 a backtracking line search, history 10). Each timed call is ``register`` plus
 ``pel_paper(pose, pose_true).backward()`` on float32 landmarks, as in training.
+It also times ``register_robust`` (RANSAC over 4-landmark subsets, then LM on
+the inliers, as ``pelmark eval --refine``) on the same batch with one 40 px
+outlier per sample.
 
 Each of ``--repeats`` rounds runs every solver in turn, a warm-up call then
 ``--inner`` timed calls back to back; a solver's time is the minimum over
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from pelmark.geometry import Camera, project, sample_poses
-from pelmark.registration import RegistrationSettings, Solver, pel_paper, pose_errors, register
+from pelmark.registration import RegistrationSettings, Solver, pel_paper, pose_errors, register, register_robust
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,25 @@ def time_solvers(case: Case, repeats: int, inner: int, settings: RegistrationSet
     return stats
 
 
+def time_robust(case: Case, repeats: int, outlier_px: float = 40.0) -> dict[str, float]:
+    """``register_robust`` (RANSAC over 4-landmark subsets, LM on the inliers, as ``pelmark eval --refine``)
+    with the first landmark of every sample moved ``outlier_px`` off: min and median ms, and how often
+    that outlier was rejected."""
+    landmarks = case.landmarks_px.double().clone()
+    landmarks[:, 0, 0] += outlier_px
+    args = (landmarks, case.weights.double(), case.points_world_mm.double(), case.camera)
+    register_robust(*args)  # warm-up
+    walls = []
+    for _ in range(repeats):
+        synchronize(landmarks.device)
+        start = time.perf_counter()
+        robust = register_robust(*args)
+        synchronize(landmarks.device)
+        walls.append((time.perf_counter() - start) * 1e3)
+    rejected = float((~robust.inliers[:, 0]).float().mean())
+    return {"robust_ms": min(walls), "robust_median_ms": statistics.median(walls), "robust_outlier_rejected": rejected}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -154,6 +176,11 @@ def main() -> None:
             f"converged {s['converged']:.0%}  iterations {s['iterations']:.1f}"
         )
     speedup = stats["adam"]["ms"] / stats["lm"]["ms"]
+    robust = time_robust(case, args.repeats)
+    print(
+        f"robust {robust['robust_ms']:9.2f} ms (median {robust['robust_median_ms']:.2f})  RANSAC + LM, one "
+        f"40 px outlier per sample, rejected in {robust['robust_outlier_rejected']:.0%}"
+    )
     paired = stats["lm"]["paired_speedup"]
     print(
         f"lm is {speedup:.0f}x faster than the paper's adam (forward + backward, batch {args.batch}; "
@@ -171,6 +198,7 @@ def main() -> None:
         "lbfgs_cpu_ms": round(stats["lbfgs"]["cpu_ms"], 3),
         "speedup_vs_adam_cpu": round(stats["adam"]["cpu_ms"] / stats["lm"]["cpu_ms"], 1),
     }
+    summary.update({key: round(value, 4) for key, value in robust.items()})
     for name, s in stats.items():
         for key in ("rotation_deg", "translation_mm", "residual_px", "converged", "iterations", "grad_finite"):
             summary[f"{name}_{key}"] = round(s[key], 4)
