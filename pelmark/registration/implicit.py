@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from pelmark.geometry import Camera
 from pelmark.registration import host
 from pelmark.registration.threads import small_problem_threads
 
