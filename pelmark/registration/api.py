@@ -58,10 +58,11 @@ def register(
         PelmarkError: on wrong shapes, negative weights, or an unknown solver/init.
     """
     kind = _solver(solver)
-    # LM's kernels are small: they run on one thread (its backward too, see ImplicitPose). The
-    # paper's unrolled solvers are left as they were: their backward runs outside this call.
+    # LM computes on the host on small arrays (registration.host), whatever the inputs' device: its
+    # few torch factorisations there run on one CPU thread (its backward's too, see ImplicitPose).
+    # The paper's unrolled solvers are left as they were: their backward runs outside this call.
     threads = (
-        small_problem_threads(landmarks_px.device, landmarks_px.numel() // 2)
+        small_problem_threads(torch.device("cpu"), landmarks_px.numel() // 2)
         if kind is Solver.LM
         else contextlib.nullcontext()
     )
