@@ -136,7 +136,8 @@ def _run_lm(
     keep = reason == 0
     solution = np.where(keep[:, None], state.pose, state.start)
     # Flagged samples return their start, which the solver never left unless it was flagged afterwards.
-    residual = _residual(problem, camera, solution, state.pixels, keep | ~kept, settings)
+    visible_weights = host.to_host(problem.visible_weights)
+    residual = _residual(landmarks, visible_weights, points, camera, solution, state.pixels, keep | ~kept, settings)
     pose = torch.from_numpy(solution).to(device)
     if needs_grad:
         inputs = (problem.landmarks_px, problem.weights, problem.points_world_mm)
@@ -181,7 +182,8 @@ def _run_unrolled(
     converged = keep & solved & (np.abs(step).max(-1) <= settings.converged_step)
     keep_t = torch.from_numpy(keep).to(device)
     pose = torch.where(keep_t[:, None], pose, start)
-    residual = _residual(problem, camera, host.to_host(pose), pixels, keep, settings)
+    visible_weights = host.to_host(problem.visible_weights)
+    residual = _residual(landmarks, visible_weights, points, camera, host.to_host(pose), pixels, keep, settings)
     return _Solved(
         pose,
         start,
@@ -193,19 +195,21 @@ def _run_unrolled(
 
 
 def _residual(
-    problem: Problem,
+    landmarks_px: np.ndarray,
+    visible_weights: np.ndarray,
+    points_world_mm: np.ndarray,
     camera: Camera,
     pose: np.ndarray,
     pixels: np.ndarray,
     at_pose: np.ndarray,
     settings: RegistrationSettings,
 ) -> np.ndarray:
-    """(B,) RMS reprojection error at ``pose``; ``pixels`` are already its projection where ``at_pose``."""
-    points, landmarks, visible_weights = (
-        host.to_host(x) for x in (problem.points_world_mm, problem.landmarks_px, problem.visible_weights)
-    )
+    """(B,) RMS reprojection error at ``pose``; ``pixels`` are already its projection where ``at_pose``.
+
+    On the host arrays the solver already holds (the problem's landmarks and points, detached).
+    """
     if not at_pose.all():
         with np.errstate(all="ignore"):
-            fresh, _, _ = project_host(points, pose, camera, settings.min_depth_mm)
+            fresh, _, _ = project_host(points_world_mm, pose, camera, settings.min_depth_mm)
         pixels = np.where(at_pose[:, None, None], pixels, fresh)
-    return host.rms_residual_px(pixels - landmarks, visible_weights)
+    return host.rms_residual_px(pixels - landmarks_px, visible_weights)

@@ -9,15 +9,24 @@ arithmetic runs here whatever the inputs' device. On a CPU that is the cheaper
 interpreter; on a GPU it replaces about a thousand tiny kernel launches and a
 host read per LM iteration with one copy of the problem each way.
 
-The formulas are those of the torch functions in
-:mod:`pelmark.registration.objective`, which the tests check these against, and
-against autograd through :func:`pelmark.geometry.project`:
+Jacobian. Pixels come from :func:`pelmark.geometry.project_host` (the
+arithmetic of :func:`pelmark.geometry.project`). With q = R(r) p (the rotated
+point before the translation), the moved point is p' = q + t, the camera point
+X_cam = R_AP p' + (0, 0, sid), and u = fx X/Z + cx, v = fy Y/Z + cy with Z the
+clamped depth, whose derivative is 0 where the clamp is active (as autograd's).
 
-* :func:`linearise` and :func:`moving_rows`: their torch namesakes (projection
-  through :func:`pelmark.geometry.project_host`);
-* :func:`evaluate`: [J | -e]ᵀ W [J | -e], the normal equations and the cost in one product;
-* :func:`retract` and :func:`wrap_rotation`: moves in the chart δ = (ω, τ);
-* :func:`implicit_vjp` and :func:`chart_hessian`: the implicit backward.
+Local chart. For the motion R = exp([ω]×) R(r), t + τ the Jacobian is simply
+(-[q]×, I): LM steps in δ = (ω, τ) and maps them back to θ with the
+retraction r + J_l(r)⁻¹ ω (J_l the left Jacobian of SO(3)), which has the same
+first-order model, so the same convergence. A row (q × c, c) of the chart
+Jacobian is bilinear in per-landmark coefficients s and (q, 1), so all rows
+come from one product with a constant (:func:`moving_rows`, :func:`row_maps`);
+JᵀWJ, JᵀWe and the cost come from another (:func:`evaluate`), and the exact
+Hessian of the implicit backward from a third (:func:`chart_hessian`).
+
+The tests check every piece against autograd through
+:func:`pelmark.geometry.project` and against a differentiable torch twin
+(``tests/registration/_reference.py``).
 
 Two linear-algebra steps (:func:`solve_definite`, :func:`solve_general`) go
 through torch on the same memory: its batched factorisations report a failure
@@ -34,14 +43,49 @@ import numpy as np
 import torch
 
 from pelmark.geometry import R_AP, Camera, project_host, rodrigues_host
-from pelmark.registration.objective import row_maps
 
-# Below this |r|² J_l⁻¹'s coefficient uses its series (objective's J_l coefficients use the same threshold).
+# Below this |r|² J_l⁻¹'s coefficient uses its series: the closed form cancels catastrophically.
 _SMALL_ANGLE2 = 1e-6
 
 
+class RowMaps(NamedTuple):
+    """Constant maps of :func:`moving_rows`, built once by :func:`row_maps`."""
+
+    jacobian: np.ndarray  # (16, 12): s = (fx/Z, fy/Z, (u - cx)/Z, (v - cy)/Z) to the rows of J_δ
+    curvature: np.ndarray  # (16, 12): s = (xz, yz, zz, 1) to the rows a and G_z of the Hessian
+
+
+@functools.lru_cache(maxsize=1)
+def row_maps() -> RowMaps:
+    """The :class:`RowMaps` (float64; treat them as read-only)."""
+    r_ap, zero = R_AP.numpy(), np.zeros(3)
+    # Row k of d(u, v)/dp' is c_k = s_k R_AP[k] - s_{2+k} R_AP[2].
+    jacobian = np.array([[r_ap[0], zero], [zero, r_ap[1]], [-r_ap[2], zero], [zero, -r_ap[2]]])
+    # a has c = xz R_AP[0] + yz R_AP[1] + ½ zz R_AP[2] and G_z has c = R_AP[2] (see chart_hessian).
+    curvature = np.array([[r_ap[0], zero], [r_ap[1], zero], [0.5 * r_ap[2], zero], [zero, r_ap[2]]])
+    return RowMaps(jacobian=_moving_row_map(jacobian), curvature=_moving_row_map(curvature))
+
+
+def _moving_row_map(rows: np.ndarray) -> np.ndarray:
+    """(16, 12) M with (s ⊗ q, s) M = the rows (q × c_k, c_k), k = 0, 1, for c_k = Σ_m s_m rows[m, k].
+
+    Such a row, the derivative of a linear function c_kᵀ p' of the moved point
+    p' = exp([ω]×) q + t + τ along the chart δ = (ω, τ), is bilinear in s and
+    (q, 1): row 3m + n of M is the pair for s = e_m and q = e_n (its moment
+    q × c_k), row 12 + m the pair for s = e_m alone (its force c_k).
+
+    Args:
+        rows: (4, 2, 3) c_k for s = e_m.
+    """
+    shape = (4, 3, 2, 3)
+    per_omega = cross(np.broadcast_to(np.eye(3)[None, :, None, :], shape), np.broadcast_to(rows[:, None], shape))
+    moment = np.concatenate([per_omega, np.zeros_like(per_omega)], axis=-1)  # q = e_n
+    force = np.concatenate([np.zeros_like(rows), rows], axis=-1)  # the s terms alone
+    return np.concatenate([moment.reshape(12, 12), force.reshape(4, 12)])
+
+
 class _Constants(NamedTuple):
-    jacobian_rows: np.ndarray  # (16, 12): objective.row_maps' map for J_δ
+    jacobian_rows: np.ndarray  # (16, 12): row_maps().jacobian
     curvature_rows: np.ndarray  # (16, 12): its map for the rows a and G_z of the Hessian
     r_ap: np.ndarray  # (3, 3) geometry.R_AP
     curvature_scale: np.ndarray  # (-1, -1, 2): see residual_terms
@@ -52,11 +96,11 @@ class _Constants(NamedTuple):
 
 @functools.lru_cache(maxsize=1)
 def _constants() -> _Constants:
-    maps = row_maps(torch.float64, torch.device("cpu"))
+    maps = row_maps()
     r_ap = R_AP.numpy().copy()
     return _Constants(
-        jacobian_rows=maps.jacobian.numpy().copy(),
-        curvature_rows=maps.curvature.numpy().copy(),
+        jacobian_rows=maps.jacobian,
+        curvature_rows=maps.curvature,
         r_ap=r_ap,
         curvature_scale=np.array([-1.0, -1.0, 2.0]),
         force_map=r_ap * np.array([[1.0], [1.0], [-1.0]]),
@@ -66,7 +110,15 @@ def _constants() -> _Constants:
 
 
 class Linearisation(NamedTuple):
-    """:class:`pelmark.registration.objective.Linearisation` in NumPy (the same fields)."""
+    """First-order pieces of the projection at a pose, per landmark.
+
+    Attributes:
+        pixels: (B, L, 2); depth_mm: (B, L) unclamped; rotated_mm: (B, L, 3) q = R(r) p.
+        focal_per_depth: (B, L, 2) (fx/Z, fy/Z), Z the clamped depth.
+        offset_per_depth: (B, L, 2) ((u - cx)/Z, (v - cy)/Z) where the clamp is inactive, else 0.
+        jacobian: (B, L, 2, 6) d(u, v)/dδ in the chart δ = (ω, τ).
+        unclamped_inverse_depth: (B, L, 1) 1/Z where the clamp is inactive, else 0.
+    """
 
     pixels: np.ndarray
     depth_mm: np.ndarray
@@ -78,8 +130,7 @@ class Linearisation(NamedTuple):
 
 
 def linearise(points_world_mm: np.ndarray, pose: np.ndarray, camera: Camera, min_depth_mm: float) -> Linearisation:
-    """Pixels, depths and the chart Jacobian J_δ (B, L, 2, 6) at ``pose``: the twin of
-    :func:`pelmark.registration.objective.linearise`."""
+    """Pixels, depths and the chart Jacobian J_δ (B, L, 2, 6) at ``pose``, projecting once."""
     pixels, depth, rotated = project_host(points_world_mm, pose, camera, min_depth_mm)
     depth_1 = depth[..., None]
     inverse_z = 1.0 / np.maximum(depth_1, min_depth_mm)
@@ -100,8 +151,8 @@ def linearise(points_world_mm: np.ndarray, pose: np.ndarray, camera: Camera, min
 
 
 def moving_rows(scales: np.ndarray, rotated_mm: np.ndarray, row_map: np.ndarray) -> np.ndarray:
-    """(B, L, 2, 6) rows (q × c_k, c_k) from coefficients s (B, L, 4) and q (B, L, 3): the twin of
-    :func:`pelmark.registration.objective.moving_rows`."""
+    """(B, L, 2, 6) rows (q × c_k, c_k) from coefficients s (B, L, 4) and q (B, L, 3) and a map of
+    :func:`row_maps`: one product with a constant instead of cross products."""
     batch, count = scales.shape[:2]
     outer = np.concatenate([(scales[..., :, None] * rotated_mm[..., None, :]).reshape(batch, count, 12), scales], -1)
     return (outer @ row_map).reshape(batch, count, 2, 6)
@@ -118,8 +169,7 @@ def evaluate(
     """At ``pose``: [J | -e]ᵀ W [J | -e] (B, 7, 7), pixels (B, L, 2) and unclamped depths (B, L).
 
     The system holds JᵀWJ (top-left), -JᵀWe (the last column's first six entries) and
-    the cost eᵀWe (the last entry), with e = π(θ) - l in the chart δ = (ω, τ): the twin of
-    :func:`pelmark.registration.objective.normal_system`.
+    the cost eᵀWe (the last entry), with e = π(θ) - l in the chart δ = (ω, τ).
 
     Args:
         landmarks_px: (B, L, 2) detections.

@@ -119,26 +119,29 @@ def solve_lm_host(
     starts = starts if starts.ndim == 3 else starts[None]
     # Overflow or 0/0 in a diverging sample is caught by the cost test and the checks after the
     # solve, as it is silently in torch: NumPy is told not to warn.
+    rows = host.weight_rows(weights)
     with np.errstate(all="ignore"):
-        evaluated = _best_start(landmarks_px, weights, points_world_mm, camera, starts, min_depth_mm)
-        rows = host.weight_rows(weights)
+        evaluated = _best_start(landmarks_px, rows, points_world_mm, camera, starts, min_depth_mm)
         return _iterate(landmarks_px, weights, rows, points_world_mm, camera, *evaluated, active, settings, min_depth_mm)
 
 
 def _best_start(
     landmarks_px: np.ndarray,
-    weights: np.ndarray,
+    weight_rows: np.ndarray,
     points_world_mm: np.ndarray,
     camera: Camera,
     starts: np.ndarray,
     min_depth_mm: float,
 ) -> tuple[np.ndarray, ...]:
-    """The candidate with the lowest cost per sample, and its evaluation (system, pixels, depths)."""
+    """The candidate with the lowest cost per sample, and its evaluation (system, pixels, depths).
+
+    ``weight_rows``: :func:`pelmark.registration.host.weight_rows` of the weights.
+    """
     count, batch = starts.shape[:2]
     starts = starts.reshape(count * batch, 6)
     evaluated = host.evaluate(
         np.concatenate([landmarks_px] * count),
-        host.weight_rows(np.concatenate([weights] * count)),
+        np.concatenate([weight_rows] * count),
         np.concatenate([points_world_mm] * count),
         camera,
         starts,

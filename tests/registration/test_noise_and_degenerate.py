@@ -8,9 +8,9 @@ import torch
 
 from pelmark.registration import Degeneracy, RegistrationSettings, Solver, register
 from pelmark.registration.checks import solution_reason
-from pelmark.registration.objective import project_with_jacobian
 
 from ._problems import F64, make_problem, translation_error_mm
+from ._reference import project_with_jacobian
 
 NOISE_PX = 2.0
 

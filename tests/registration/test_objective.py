@@ -9,7 +9,10 @@ from torch.func import jacrev, vmap
 
 from pelmark import geometry as g
 from pelmark.registration import host
-from pelmark.registration.objective import (
+from pelmark.registration.objective import weighted_cost
+
+from ._problems import F64, make_problem
+from ._reference import (
     chart_jacobian,
     left_jacobian_transpose_apply,
     linearise,
@@ -17,10 +20,7 @@ from pelmark.registration.objective import (
     normal_equations,
     project_with_jacobian,
     row_maps,
-    weighted_cost,
 )
-
-from ._problems import F64, make_problem
 
 
 def _poses_with_small_angles(batch: int, seed: int) -> torch.Tensor:
